@@ -1,0 +1,247 @@
+"""Weight-space companions: EMA / weight averaging (WA), SWA and AWP.
+
+* :class:`EMA` -- ``theta_t <- gamma * theta_t + (1 - gamma) * theta_s`` after every optimizer
+  step (ADR Sec. 4.2; timm's ModelEmaV2 semantics: parameters *and* floating buffers, so the
+  averaged BatchNorm statistics come along; integer buffers are copied).
+* :class:`SWA` -- the running mean of one snapshot per epoch from ``start_epoch`` on, BatchNorm
+  statistics recomputed on training data before it is evaluated (Chen et al. 2021, Sec. 4.2).
+* :class:`AWP` -- adversarial weight perturbation (Wu et al. 2020): before the update, move each
+  layer's weight by ``gamma * ||w_l||`` in the ascent direction of the adversarial loss, take the
+  gradient there, restore the weights exactly, step.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["EMA", "SWA", "AWP", "scale_decay", "bn_update"]
+
+
+def scale_decay(decay: float, steps_per_epoch: int, reference_steps_per_epoch: Optional[int]) -> float:
+    """Keep an EMA's horizon the same number of *epochs* when the number of steps per epoch
+    changes: ``decay ** (reference / steps_per_epoch)``.  With CIFAR's 391 steps/epoch as the
+    reference, 0.995 (about half an epoch) becomes 0.995**(391/4) = 0.61 at 4 steps/epoch."""
+    if reference_steps_per_epoch is None or steps_per_epoch == reference_steps_per_epoch:
+        return float(decay)
+    return float(decay) ** (float(reference_steps_per_epoch) / float(steps_per_epoch))
+
+
+def _float_tensors(module: nn.Module):
+    """Parameters and floating-point buffers, in a fixed order."""
+    return [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+
+
+def _int_buffers(module: nn.Module):
+    return [b for b in module.buffers() if not b.is_floating_point()]
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's weights (the ADR teacher; WA when evaluated).
+
+    ``warmup_steps``: before this many updates the average is reset to the raw weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.995, warmup_steps: int = 0):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = float(decay)
+        self.warmup_steps = int(warmup_steps)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._pairs = None
+
+    def _refresh(self, model):
+        ema_t, src_t = _float_tensors(self.module), _float_tensors(model)
+        if len(ema_t) != len(src_t):
+            raise ValueError("EMA: the model's parameters do not match the averaged copy")
+        self._pairs = (ema_t, src_t, _int_buffers(self.module), _int_buffers(model), model)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if self._pairs is None or self._pairs[4] is not model:
+            self._refresh(model)
+        ema_t, src_t, ema_i, src_i, _ = self._pairs
+        self.num_updates += 1
+        if int(self.num_updates) <= self.warmup_steps:
+            torch._foreach_copy_(ema_t, src_t)
+        else:
+            # theta_t <- gamma theta_t + (1 - gamma) theta_s  ==  lerp(theta_t, theta_s, 1 - gamma)
+            torch._foreach_lerp_(ema_t, src_t, 1.0 - self.decay)
+        for d, s in zip(ema_i, src_i):
+            d.copy_(s)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates.clone(), "decay": self.decay}
+
+    def load_state_dict(self, state, strict: bool = True):
+        self.module.load_state_dict(state["module"], strict=strict)
+        self.num_updates.copy_(state["num_updates"])
+        self._pairs = None
+
+
+@torch.no_grad()
+def bn_update(loader: Iterable, model: nn.Module, device=None, max_batches: Optional[int] = None) -> None:
+    """Recompute BatchNorm running statistics with a cumulative average over ``loader``
+    (what ``torch.optim.swa_utils.update_bn`` does; written here so the loader may yield
+    ``(x, y, index)`` and so the pass can be bounded)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = {}
+    for m in bns:
+        m.reset_running_stats()
+        momenta[m] = m.momentum
+        m.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if device is not None:
+            x = x.to(device)
+        model(x)
+    for m in bns:
+        m.momentum = momenta[m]
+    model.train(was_training)
+
+
+class SWA(nn.Module):
+    """Stochastic weight averaging (Izmailov et al. 2018) as used by Chen et al. 2021:
+    one snapshot per epoch from ``start_epoch`` on, ``avg <- avg + (w - avg) / (n + 1)``."""
+
+    def __init__(self, model: nn.Module, start_epoch: int):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.start_epoch = int(start_epoch)
+        self.register_buffer("n_averaged", torch.zeros((), dtype=torch.long))
+        self.bn_stale = True
+
+    @torch.no_grad()
+    def end_epoch(self, model: nn.Module, epoch: int) -> bool:
+        """Call with the 0-based index of the epoch that just finished; returns True if a
+        snapshot was taken."""
+        if epoch < self.start_epoch:
+            return False
+        params_avg = [p for p in self.module.parameters()]
+        params_src = [p.detach() for p in model.parameters()]
+        n = int(self.n_averaged)
+        if n == 0:
+            torch._foreach_copy_(params_avg, params_src)
+        else:
+            torch._foreach_lerp_(params_avg, params_src, 1.0 / (n + 1))
+        self.n_averaged += 1
+        self.bn_stale = True
+        return True
+
+    @property
+    def active(self) -> bool:
+        return int(self.n_averaged) > 0
+
+    def update_bn(self, loader, device=None, max_batches=None):
+        bn_update(loader, self.module, device=device, max_batches=max_batches)
+        self.module.eval()
+        self.bn_stale = False
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        return {"module": self.module.state_dict(), "n_averaged": self.n_averaged.clone(),
+                "start_epoch": self.start_epoch, "bn_stale": self.bn_stale}
+
+    def load_state_dict(self, state, strict: bool = True):
+        self.module.load_state_dict(state["module"], strict=strict)
+        self.n_averaged.copy_(state["n_averaged"])
+        self.bn_stale = bool(state.get("bn_stale", True))
+
+
+class AWP:
+    """Adversarial weight perturbation (Wu, Xia, Wang 2020), the public code's form:
+
+    1. copy the model into a proxy; take one SGD step of size ``proxy_lr`` on the proxy that
+       *increases* the adversarial loss (at the fixed x');
+    2. per layer with a weight of rank >= 2: ``v_l = gamma * ||w_l|| * d_l / ||d_l||`` with
+       ``d_l = w_proxy_l - w_l``;
+    3. ``perturb``: w += v; the caller computes the loss and backward at w + v and steps;
+       ``restore``: removes v (after ``optimizer.step()``, as the public code does).
+    """
+
+    def __init__(self, model: nn.Module, gamma: float = 0.005, proxy_lr: float = 0.01):
+        if gamma <= 0:
+            raise ValueError(f"AWP gamma must be > 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.proxy_lr = float(proxy_lr)
+        self.proxy = copy.deepcopy(model)
+        self._names = [n for n, p in model.named_parameters() if p.dim() > 1]
+        self._diff: Optional[list] = None
+
+    @torch.no_grad()
+    def _load_proxy(self, model):
+        for p_dst, p_src in zip(self.proxy.parameters(), model.parameters()):
+            p_dst.copy_(p_src)
+        for b_dst, b_src in zip(self.proxy.buffers(), model.buffers()):
+            b_dst.copy_(b_src)
+
+    def perturb(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+        """Compute and apply the perturbation. ``loss_fn(m)`` returns the adversarial loss of
+        network ``m`` at the already-crafted adversarial examples (same target)."""
+        if self._diff is not None:
+            raise RuntimeError("AWP.perturb called twice without restore")
+        self._load_proxy(model)
+        self.proxy.train(model.training)
+        params = dict(self.proxy.named_parameters())
+        weights = [params[n] for n in self._names]
+        loss = loss_fn(self.proxy)
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        src = dict(model.named_parameters())
+        diffs = []
+        with torch.no_grad():
+            for name, g in zip(self._names, grads):
+                w = src[name]
+                if g is None:
+                    diffs.append(None)
+                    continue
+                # one ascent step of the proxy: d = w_proxy' - w = +proxy_lr * g
+                d = self.proxy_lr * g
+                v = self.gamma * w.norm() * d / (d.norm() + 1e-20)
+                diffs.append(v)
+            # keep exact copies: w + v - v is not bit-exact in floating point
+            self._backup = [src[n].detach().clone() for n in self._names]
+            for name, v in zip(self._names, diffs):
+                if v is not None:
+                    src[name].add_(v)
+            self._perturbed = [src[n].detach().clone() for n in self._names]
+        self._diff = diffs
+        self._model = model
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Remove the perturbation.  As in the public code this is called *after*
+        ``optimizer.step()``: the update computed at w + v is kept, v is removed, i.e.
+        ``w <- w_saved + (w_now - w_perturbed)`` -- bit-exact ``w_saved`` if no step was taken."""
+        if self._diff is None:
+            return
+        src = dict(self._model.named_parameters())
+        for name, saved, pert in zip(self._names, self._backup, self._perturbed):
+            w = src[name]
+            w.copy_(saved + (w - pert))
+        self._diff = self._backup = self._perturbed = None
+
+    def state_dict(self) -> dict:
+        return {"gamma": self.gamma, "proxy_lr": self.proxy_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma = float(state["gamma"])
+        self.proxy_lr = float(state["proxy_lr"])

@@ -1,0 +1,179 @@
+"""The one door through which rb_labelrefine imports RobustBench.
+
+RobustBench 1.1.1 does ``from autoattack import AutoAttack`` and
+``from autoattack.state import EvaluationState`` and calls the *classic* GitHub interface
+(``AutoAttack(model, norm=, eps=, version=, device=, log_path=, verbose=, attacks_to_run=)`` and
+``run_standard_evaluation(x, y, bs=, state_path=)`` returning ``x_adv``).  The registry's
+official package is ``pyautoattack`` 0.2.0: keyword-only arguments, ``attacks=`` instead of
+``attacks_to_run=``, no ``verbose``/``log_path``, ``batch_size=`` and a ``(x_adv, y_adv)`` return.
+
+:func:`import_robustbench` makes ``import robustbench`` work on the registry's packages:
+
+* if the real GitHub ``autoattack`` is importable, it is used untouched (we step aside);
+* otherwise a module named ``autoattack`` is registered in ``sys.modules`` whose
+  ``AutoAttack`` is :class:`ClassicAutoAttack` -- the classic interface on top of
+  pyautoattack's attacks (which are the GitHub master's, line for line) -- and
+  ``autoattack.state`` is ``pyautoattack.state``.
+
+Nothing else in the package imports robustbench without going through this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import sys
+import types
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["import_robustbench", "ClassicAutoAttack", "autoattack_backend", "classic_autoattack"]
+
+_SHIM_MARK = "__rb_labelrefine_shim__"
+
+
+def _real_autoattack_available() -> bool:
+    mod = sys.modules.get("autoattack")
+    if mod is not None:
+        return not getattr(mod, _SHIM_MARK, False)
+    try:
+        spec = importlib.util.find_spec("autoattack")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None
+
+
+def autoattack_backend() -> str:
+    """'autoattack' (the GitHub package) or 'pyautoattack' (through the classic adapter)."""
+    return "autoattack" if _real_autoattack_available() else "pyautoattack"
+
+
+class ClassicAutoAttack:
+    """The classic ``autoattack.AutoAttack`` interface, implemented on pyautoattack 0.2.0."""
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 0.3, seed: Optional[int] = None,
+                 verbose: bool = True, attacks_to_run=(), version: str = "standard",
+                 is_tf_model: bool = False, device: str = "cuda", log_path: Optional[str] = None):
+        from pyautoattack import AutoAttack as _AA
+
+        if is_tf_model:
+            raise NotImplementedError("TensorFlow models are not supported by the pyautoattack adapter")
+        attacks = list(attacks_to_run) if attacks_to_run else None
+        if version != "custom" and attacks:
+            # Same contract as the classic class, which refuses instead of silently running
+            # a different attack list than the caller asked for.
+            raise ValueError("attacks_to_run will be overridden unless you use version='custom'")
+        self._aa = _AA(model, attacks=attacks, device=device, eps=eps, norm=norm, seed=seed, version=version)
+        self._aa.verbose = verbose
+        self.log_path = log_path
+
+    @contextlib.contextmanager
+    def _logging(self):
+        """Route pyautoattack's log records like the classic ``Logger`` does, for one call only.
+
+        The classic class prints every message and appends it to ``log_path``; pyautoattack
+        logs to the process-wide ``auto-attack`` logger instead.  A handler added in
+        ``__init__`` would outlive this object and write later runs into this run's file, so
+        it lives exactly as long as one ``run_*`` call.
+        """
+        logger = self._aa.logger
+        old_level = logger.level
+        handlers = []
+        if self._aa.verbose and not logger.hasHandlers():
+            # Nobody configured logging: print, as the classic Logger does.
+            handlers.append(logging.StreamHandler(sys.stdout))
+        if self.log_path is not None:
+            handlers.append(logging.FileHandler(self.log_path))
+        for handler in handlers:
+            handler.setLevel(logging.DEBUG)
+            handler.setFormatter(_ClassicFormatter())
+            logger.addHandler(handler)
+        if self._aa.verbose and (logger.level == logging.NOTSET or logger.level > logging.DEBUG):
+            logger.setLevel(logging.DEBUG)
+        try:
+            yield
+        finally:
+            logger.setLevel(old_level)
+            for handler in handlers:
+                logger.removeHandler(handler)
+                handler.close()
+
+    # Attribute access falls through to pyautoattack (apgd, fab, square, attacks_to_run, ...).
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_aa"], name)
+
+    def __setattr__(self, name, value):
+        if name in ("_aa", "log_path"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._aa, name, value)
+
+    def run_standard_evaluation(self, x_orig, y_orig, bs: int = 250, return_labels: bool = False,
+                                state_path=None):
+        if state_path is not None and not isinstance(state_path, Path):
+            state_path = Path(state_path)
+        with self._logging():
+            x_adv, y_adv = self._aa.run_standard_evaluation(x_orig, y_orig, batch_size=bs, state_path=state_path)
+        return (x_adv, y_adv) if return_labels else x_adv
+
+    def run_standard_evaluation_individual(self, x_orig, y_orig, bs: int = 250, return_labels: bool = False):
+        with self._logging():
+            adv = self._aa.run_standard_evaluation_individual(x_orig, y_orig, batch_size=bs)
+        return {k: (v if return_labels else v[0]) for k, v in adv.items()}
+
+    def clean_accuracy(self, x_orig, y_orig, bs: int = 250):
+        with self._logging():
+            return self._aa.clean_accuracy(x_orig, y_orig, bs=bs)
+
+
+class _ClassicFormatter(logging.Formatter):
+    """Plain messages, warnings prefixed ``Warning:`` -- the classic log-file format."""
+
+    def format(self, record):
+        msg = record.getMessage()
+        return f"Warning: {msg}" if record.levelno >= logging.WARNING else msg
+
+
+def _install_shim() -> None:
+    import pyautoattack
+    import pyautoattack.state as pstate
+
+    shim = types.ModuleType("autoattack")
+    shim.__doc__ = "rb_labelrefine adapter: the classic autoattack interface on top of pyautoattack"
+    shim.AutoAttack = ClassicAutoAttack
+    shim.state = pstate
+    shim.__version__ = getattr(pyautoattack, "__version__", "unknown")
+    setattr(shim, _SHIM_MARK, True)
+    sys.modules["autoattack"] = shim
+    sys.modules["autoattack.state"] = pstate
+
+
+def classic_autoattack():
+    """``(AutoAttack class with the classic interface, backend name, backend version)``.
+
+    The real GitHub ``autoattack`` when it is importable, else :class:`ClassicAutoAttack` over
+    pyautoattack -- the same choice :func:`import_robustbench` makes for RobustBench, so our own
+    evaluations and ``robustbench.eval.benchmark`` always run the same implementation.
+    """
+    if _real_autoattack_available():
+        mod = sys.modules.get("autoattack") or importlib.import_module("autoattack")
+        return mod.AutoAttack, "autoattack", str(getattr(mod, "__version__", "unknown"))
+    import pyautoattack
+
+    return ClassicAutoAttack, "pyautoattack", str(getattr(pyautoattack, "__version__", "unknown"))
+
+
+def import_robustbench():
+    """Import and return the ``robustbench`` module, installing the autoattack shim if needed."""
+    if "robustbench" in sys.modules:
+        return sys.modules["robustbench"]
+    if not _real_autoattack_available():
+        _install_shim()
+    try:
+        return importlib.import_module("robustbench")
+    except ImportError as exc:  # e.g. pkg_resources missing (setuptools >= 81)
+        raise ImportError(
+            f"could not import robustbench ({exc}). rb_labelrefine needs robustbench==1.1.1, "
+            "pyautoattack==0.2.0 and setuptools<81 (robustbench.loaders imports pkg_resources); "
+            "reinstall with `pip install rb-labelrefine`.") from exc

@@ -1,0 +1,487 @@
+"""Validated run configuration.
+
+A config is a tree of small dataclasses, one per part of the run
+(data -> model -> method -> objective/attack -> companions -> optimiser -> train -> eval),
+loaded from YAML presets shipped as package data or from a user's file, and overridden
+field by field with ``--set section.key=value``.  Every error names the offending field
+(``ConfigError.field``) so the CLI can report it and exit with code 2.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = [
+    "ConfigError", "Config", "load_config", "list_presets", "apply_overrides", "config_to_dict",
+    "config_from_dict", "validate",
+]
+
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "synthetic")
+METHODS = ("onehot", "label_smoothing", "adr", "sglr", "ltd", "kd")
+OBJECTIVES = ("pgd_at", "trades", "natural")
+ATTACKS = ("pgd", "tpgd", "apgd", "fgsm", "mifgsm")
+NORMS = ("Linf", "L2")
+BN_MODES = ("train", "eval")
+EVAL_MODELS = ("auto", "raw", "ema", "swa")
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or out of range."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"config field '{field}': {message}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"            # digits | fashion_mnist | cifar10 | cifar100 | tiny_imagenet | synthetic
+    root: Optional[str] = None      # where the data set lives on disk (None: the source's default)
+    val_fraction: float = 0.1       # held-out split that selects the best checkpoint (KD+SWA: 9:1)
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    augment: bool = False           # random crop (pad 4) + horizontal flip, CIFAR style
+    batch_size: int = 128
+    num_workers: int = 0
+    seed: int = 0                   # seeds the splits, independent of the training seed
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small_cnn"         # registry name, or timm:<name>
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """The rectifier: what distribution each batch is trained (and attacked) towards."""
+    name: str = "onehot"
+    # label smoothing
+    smoothing: float = 0.1
+    # ADR (Wu et al. 2024, Eq. 3-5): EMA teacher, tau cosine high->low, lambda cosine low->high
+    ema_decay: float = 0.995
+    tau_high: float = 2.5
+    tau_low: float = 2.0
+    lambda_low: float = 0.7
+    lambda_high: float = 0.95
+    # SGLR (Li et al.): 'paper' = alpha/T self-softening + per-sample EMA, 'code' = public code
+    variant: str = "paper"
+    alpha: float = 0.2              # paper Table 4: weight of the model's own distribution
+    temperature: float = 1.5        # paper Table 4 T; for LTD the teacher temperature; for KD the KD T
+    momentum: float = 0.9           # per-sample memory EMA (m)
+    clean_weight: float = 0.2       # weight of softmax f(x) vs f(x') in the interpolated prediction
+    start_epoch: int = 0            # SGLR 'code': plain hard-label AT until this epoch (es)
+    # LTD / KD teachers (checkpoint paths; run directories or weight files)
+    teacher: Optional[str] = None
+    standard_teacher: Optional[str] = None
+    robust_teacher: Optional[str] = None
+    # KD+SWA weights (paper: robust 0.5, standard 0.25; public code: robust 0.6, standard 0.1)
+    kd_weights: str = "paper"       # paper | code | custom
+    robust_weight: float = 0.5
+    standard_weight: float = 0.25
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "pgd_at"            # pgd_at | trades
+    beta: float = 6.0               # TRADES / LTD lambda
+
+
+@dataclass
+class AttackConfig:
+    """The inner maximisation used in training (torchattacks)."""
+    name: str = "auto"              # auto: PGD for pgd_at, TPGD (the TRADES KL attack) for trades
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+    bn_mode: str = "train"          # BatchNorm mode during the attack; the ADR and KD code attack in train mode
+
+
+@dataclass
+class WAConfig:
+    enabled: bool = False
+    decay: float = 0.995
+    warmup_epochs: float = 0.0      # copy the raw weights (no averaging) before this point
+
+
+@dataclass
+class SWAConfig:
+    enabled: bool = False
+    start_epoch: Optional[int] = None   # None: the first lr decay (Chen et al. 2021)
+    bn_update: bool = True              # recompute BatchNorm statistics before evaluating the average
+
+
+@dataclass
+class AWPConfig:
+    enabled: bool = False
+    gamma: float = 0.005            # relative weight-perturbation radius (ADR uses 0.005)
+    warmup_epochs: int = 0
+    proxy_lr: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "multistep"
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])   # fractions of training (<1) or epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"
+    threads: Optional[int] = None
+    deterministic: bool = False
+    # Time constants of EMA-like state are per step in the papers (CIFAR, 391 steps/epoch).
+    # When set, every per-step decay d is applied as d ** (reference / steps_per_epoch), so
+    # the averaging horizon stays the same number of *epochs* on a smaller data set.
+    reference_steps_per_epoch: Optional[int] = None
+    checkpoint_every: int = 1
+    grad_clip: Optional[float] = None
+    log_every: int = 50
+    channels_last: bool = False
+    amp: Optional[str] = None       # None | bf16 | fp16
+    compile: bool = False
+
+
+@dataclass
+class EvalConfig:
+    model: str = "auto"             # which weights are validated/exported: auto picks swa > ema > raw
+    val_attack_steps: int = 10      # PGD-10 on the validation split picks the best checkpoint (ADR)
+    test_attack_steps: int = 20     # per-epoch PGD-20 curve on a fixed test subset
+    test_every: int = 1
+    curve_test_size: Optional[int] = 500
+    autoattack: bool = False        # run AutoAttack standard on best and final at the end
+    autoattack_n: Optional[int] = None
+    autoattack_version: str = "standard"
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    description: str = ""
+    paper: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    wa: WAConfig = field(default_factory=WAConfig)
+    swa: SWAConfig = field(default_factory=SWAConfig)
+    awp: AWPConfig = field(default_factory=AWPConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(path: str, value: Any, annotation: str, default: Any) -> Any:
+    """Coerce a YAML/CLI value to the declared field type, or raise ConfigError naming the field."""
+    ann = str(annotation)
+    optional = ann.startswith("Optional")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(path, "must not be null")
+    base = ann[len("Optional["):-1] if optional else ann
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            raise TypeError
+        if base == "int":
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, str):
+                value = _parse_number(value)
+            out = float(value)
+            if not math.isfinite(out):
+                raise ConfigError(path, f"must be a finite number, got {value!r}")
+            return out
+        if base == "str":
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+        if base == "list":
+            if not isinstance(value, list):
+                raise TypeError
+            return list(value)
+        if base == "dict":
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(path, f"expected {base}, got {value!r}") from None
+    return value
+
+
+def _parse_number(text: str) -> float:
+    """Accept '8/255' as well as '0.0314' (eps values are usually written as fractions of 255)."""
+    text = text.strip()
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
+    obj = cls()
+    known = {f.name: f for f in fields(cls)}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise ConfigError(path, f"unknown field; known fields: {', '.join(sorted(known))}")
+        f = known[key]
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            setattr(obj, key, _build(type(current), value, path))
+        else:
+            if isinstance(value, str) and str(f.type) in ("float", "Optional[float]"):
+                try:
+                    value = _parse_number(value)
+                except ValueError:
+                    raise ConfigError(path, f"expected a number, got {value!r}") from None
+            setattr(obj, key, _coerce(path, value, f.type, current))
+    return obj
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check(cond: bool, path: str, message: str):
+    if not cond:
+        raise ConfigError(path, message)
+
+
+def _in_unit(cfg_obj, path, name):
+    v = getattr(cfg_obj, name)
+    _check(0.0 <= v <= 1.0, f"{path}.{name}", f"must be in [0, 1], got {v}")
+
+
+def validate(cfg: Config) -> Config:
+    d = cfg.data
+    _check(d.name in DATASETS, "data.name", f"unknown data set {d.name!r}; choose one of {sorted(DATASETS)}")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", "must be >= 1")
+    _check(d.test_subset is None or d.test_subset >= 1, "data.test_subset", "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+    _check(bool(cfg.model.arch), "model.arch", "must name an architecture")
+
+    m = cfg.method
+    _check(m.name in METHODS, "method.name", f"unknown method {m.name!r}; choose one of {list(METHODS)}")
+    _in_unit(m, "method", "smoothing")
+    _check(0.0 <= m.ema_decay < 1.0, "method.ema_decay", f"must be in [0, 1), got {m.ema_decay}")
+    for name in ("tau_high", "tau_low", "temperature"):
+        _check(getattr(m, name) > 0, f"method.{name}", f"must be > 0, got {getattr(m, name)}")
+    for name in ("lambda_low", "lambda_high", "alpha", "momentum", "clean_weight", "robust_weight",
+                 "standard_weight"):
+        _in_unit(m, "method", name)
+    _check(m.variant in ("paper", "code"), "method.variant", f"must be 'paper' or 'code', got {m.variant!r}")
+    _check(m.kd_weights in ("paper", "code", "custom"), "method.kd_weights",
+           f"must be paper | code | custom, got {m.kd_weights!r}")
+    _check(m.robust_weight + m.standard_weight <= 1.0, "method.robust_weight",
+           "robust_weight + standard_weight must be <= 1 (the CE term takes the rest)")
+    _check(m.start_epoch >= 0, "method.start_epoch", "must be >= 0")
+    for name in ("teacher", "standard_teacher", "robust_teacher"):
+        p = getattr(m, name)
+        if p is not None and m.name in ("ltd", "kd"):
+            _check(Path(p).exists(), f"method.{name}", f"file not found: {p}")
+
+    o = cfg.objective
+    _check(o.name in OBJECTIVES, "objective.name", f"unknown objective {o.name!r}; choose one of {list(OBJECTIVES)}")
+    _check(o.beta >= 0, "objective.beta", f"must be >= 0, got {o.beta}")
+    if m.name == "ltd":
+        _check(o.name == "trades", "objective.name", "LTD is defined in TRADES form; set objective.name=trades")
+
+    a = cfg.attack
+    _check(a.name == "auto" or a.name in ATTACKS, "attack.name",
+           f"unknown attack {a.name!r}; choose auto or one of {list(ATTACKS)}")
+    _check(a.norm in NORMS, "attack.norm", f"must be one of {list(NORMS)}, got {a.norm!r}")
+    _check(a.eps > 0, "attack.eps", f"must be > 0, got {a.eps}")
+    _check(a.alpha > 0, "attack.alpha", f"must be > 0, got {a.alpha}")
+    _check(a.steps >= 1, "attack.steps", f"must be >= 1, got {a.steps}")
+    _check(a.bn_mode in BN_MODES, "attack.bn_mode", f"must be one of {list(BN_MODES)}, got {a.bn_mode!r}")
+    if a.norm == "Linf":
+        _check(a.eps <= 1.0, "attack.eps", f"an Linf radius above 1 covers the whole [0,1] input box, got {a.eps}")
+
+    _check(0.0 <= cfg.wa.decay < 1.0, "wa.decay", f"must be in [0, 1), got {cfg.wa.decay}")
+    _check(cfg.wa.warmup_epochs >= 0, "wa.warmup_epochs", "must be >= 0")
+    _check(cfg.swa.start_epoch is None or cfg.swa.start_epoch >= 0, "swa.start_epoch", "must be >= 0")
+    _check(cfg.awp.gamma > 0, "awp.gamma", f"must be > 0, got {cfg.awp.gamma}")
+    _check(cfg.awp.warmup_epochs >= 0, "awp.warmup_epochs", "must be >= 0")
+
+    op = cfg.optim
+    _check(op.lr > 0, "optim.lr", f"must be > 0, got {op.lr}")
+    _check(op.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(0 <= op.momentum < 1, "optim.momentum", "must be in [0, 1)")
+    _check(op.schedule in SCHEDULES, "optim.schedule", f"must be one of {list(SCHEDULES)}")
+    _check(all(isinstance(v, (int, float)) and v > 0 for v in op.milestones), "optim.milestones",
+           "must be a list of positive numbers (fractions of training < 1, or epochs)")
+
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.device in ("auto", "cpu") or t.device.startswith("cuda") or t.device == "mps", "train.device",
+           f"must be auto, cpu, cuda[:N] or mps, got {t.device!r}")
+    _check(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1")
+    _check(t.reference_steps_per_epoch is None or t.reference_steps_per_epoch >= 1,
+           "train.reference_steps_per_epoch", "must be >= 1")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _check(t.amp in (None, "bf16", "fp16"), "train.amp", f"must be null, bf16 or fp16, got {t.amp!r}")
+
+    e = cfg.eval
+    _check(e.model in EVAL_MODELS, "eval.model", f"must be one of {list(EVAL_MODELS)}")
+    if e.model == "ema":
+        _check(cfg.wa.enabled, "eval.model", "eval.model=ema needs wa.enabled=true")
+    if e.model == "swa":
+        _check(cfg.swa.enabled, "eval.model", "eval.model=swa needs swa.enabled=true")
+    _check(e.val_attack_steps >= 1, "eval.val_attack_steps", "must be >= 1")
+    _check(e.test_attack_steps >= 1, "eval.test_attack_steps", "must be >= 1")
+    _check(e.test_every >= 1, "eval.test_every", "must be >= 1")
+    _check(e.autoattack_version in ("standard", "plus", "rand", "custom"), "eval.autoattack_version",
+           "must be standard | plus | rand | custom")
+    return cfg
+
+
+def check_runnable(cfg: Config) -> Config:
+    """Checks that only matter when a run starts (presets may leave teacher paths for the
+    user to fill in with --set)."""
+    m = cfg.method
+    if m.name == "ltd":
+        _check(m.teacher is not None, "method.teacher",
+               "LTD needs a naturally trained teacher: --set method.teacher=RUN_DIR_OR_WEIGHTS "
+               "(train one with a '*-natural' preset)")
+    if m.name == "kd":
+        _check(m.standard_teacher is not None or m.robust_teacher is not None, "method.robust_teacher",
+               "KD needs at least one teacher: --set method.robust_teacher=... / method.standard_teacher=... "
+               "(train them with the '*-pgdat' and '*-natural' presets)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _preset_dir():
+    return resources.files("rb_labelrefine") / "configs" / "presets"
+
+
+def list_presets() -> list[str]:
+    """Preset names (files starting with '_' are shared bases, not presets)."""
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
+
+
+def _read_yaml(text: str, origin: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"{origin} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("<file>", f"{origin} must hold a mapping at the top level")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_raw(name_or_path: str) -> dict:
+    """Read a preset by name or a YAML file by path; resolves ``base:`` inheritance."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError("--config", f"file not found: {name_or_path}")
+        data = _read_yaml(path.read_text(), str(path))
+    else:
+        f = _preset_dir() / f"{name_or_path}.yaml"
+        if not f.is_file():
+            raise ConfigError("--config", f"unknown preset {name_or_path!r}; run 'rb-labelrefine configs' to list them")
+        data = _read_yaml(f.read_text(), f"preset {name_or_path}")
+        data.setdefault("name", name_or_path)
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(load_raw(base), data)
+    return data
+
+
+def _set_path(data: dict, dotted: str, value: Any):
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"'{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(item, "overrides must look like section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(item, "empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, key, value)
+    return data
+
+
+def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
+    return config_from_dict(apply_overrides(load_raw(name_or_path), overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

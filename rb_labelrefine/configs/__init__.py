@@ -1,0 +1,1 @@
+"""Config presets (YAML, package data).  ``generate.py`` writes the paper presets."""

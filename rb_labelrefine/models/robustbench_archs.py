@@ -1,0 +1,106 @@
+"""RobustBench's own CIFAR architectures, so trained weights load into its model zoo unchanged.
+
+The classes come from ``robustbench.model_zoo.architectures`` (imported lazily, through
+:func:`rb_labelrefine.compat.robustbench.import_robustbench`, which makes ``import robustbench``
+work with pyautoattack). Two limits of that code are made explicit here:
+
+* the first conv is hard-wired to 3 input channels: for ``in_channels != 3`` it is replaced by a
+  freshly initialised conv of the same shape otherwise (so weights of that one layer no longer
+  match RobustBench checkpoints -- fine for training from scratch on greyscale data);
+* the final pooling has a fixed kernel (4 for the ResNets, 8 for the WRNs) that assumes 32x32
+  inputs, and on other sizes the WRN silently mixes samples in its ``view``. ``image_size`` must
+  therefore be 32; use a ``timm:<name>`` model for other sizes (e.g. 64x64 Tiny ImageNet).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from torch import nn
+
+from .registry import register_model
+
+__all__ = ["preact_resnet18", "resnet18", "wrn", "wrn_28_10", "wrn_34_10", "wrn_70_16"]
+
+
+def _architectures(module: str):
+    from rb_labelrefine.compat.robustbench import import_robustbench
+
+    import_robustbench()  # registers the autoattack shim robustbench/__init__ needs
+    import importlib
+
+    return importlib.import_module(f"robustbench.model_zoo.architectures.{module}")
+
+
+def _check_size(arch: str, image_size: int) -> None:
+    if image_size != 32:
+        raise ValueError(
+            f"{arch} (RobustBench's CIFAR architecture) needs 32x32 inputs: its final average pool has "
+            f"a fixed kernel. Got image_size={image_size}; resize/pad the data to 32 or use a "
+            "'timm:<name>' model.")
+
+
+def _adapt_stem(model: nn.Module, in_channels: int, he_fan_out: bool = False) -> nn.Module:
+    if in_channels == 3:
+        return model
+    old = model.conv1
+    model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, stride=old.stride,
+                            padding=old.padding, bias=old.bias is not None)
+    if he_fan_out:  # match WideResNet's own init of every conv (normal, std sqrt(2 / (k*k*out)))
+        n = old.kernel_size[0] * old.kernel_size[1] * old.out_channels
+        model.conv1.weight.data.normal_(0, math.sqrt(2.0 / n))
+    return model
+
+
+@register_model
+def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
+    """PreAct-ResNet-18 (He et al. 2016), RobustBench's ``PreActResNet`` (11.2M params).
+
+    ``kwargs`` (``bn_before_fc``, ``out_shortcut``) go to RobustBench's class.
+    """
+    _check_size("preact_resnet18", image_size)
+    m = _architectures("resnet")
+    return _adapt_stem(m.PreActResNet(m.PreActBlock, [2, 2, 2, 2], num_classes=num_classes, **kwargs), in_channels)
+
+
+@register_model
+def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """ResNet-18 in its CIFAR form (3x3 stem, no max-pool), RobustBench's ``ResNet`` (11.2M params)."""
+    _check_size("resnet18", image_size)
+    m = _architectures("resnet")
+    return _adapt_stem(m.ResNet(m.BasicBlock, [2, 2, 2, 2], num_classes=num_classes), in_channels)
+
+
+@register_model
+def wrn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, depth: int = 28, width: int = 10,
+        widen_factor: Optional[int] = None, drop_rate: float = 0.0, **kwargs) -> nn.Module:
+    """WideResNet-``depth``-``width`` (Zagoruyko & Komodakis 2016), RobustBench's ``WideResNet``.
+
+    ``width`` is RobustBench's ``widen_factor`` (either name works); ``depth`` must be 6n+4.
+    Other ``kwargs`` (``sub_block1``, ``bias_last``) go to RobustBench's class.
+    """
+    _check_size(f"wrn-{depth}-{widen_factor or width}", image_size)
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, 34, 70, ...), got {depth}")
+    m = _architectures("wide_resnet")
+    net = m.WideResNet(depth=depth, num_classes=num_classes, widen_factor=widen_factor or width,
+                       dropRate=drop_rate, **kwargs)
+    return _adapt_stem(net, in_channels, he_fan_out=True)
+
+
+@register_model
+def wrn_28_10(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
+    """WRN-28-10 (36.5M params)."""
+    return wrn(num_classes, in_channels, image_size, depth=28, width=10, **kwargs)
+
+
+@register_model
+def wrn_34_10(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
+    """WRN-34-10 (46.2M params), the usual CIFAR-10 adversarial-training benchmark network."""
+    return wrn(num_classes, in_channels, image_size, depth=34, width=10, **kwargs)
+
+
+@register_model
+def wrn_70_16(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
+    """WRN-70-16 (267M params)."""
+    return wrn(num_classes, in_channels, image_size, depth=70, width=16, **kwargs)

@@ -1,0 +1,142 @@
+"""ADR -- Annealing Self-Distillation Rectification (Wu, Wang, Chen, ICLR 2024).
+
+Per step e of E (paper Alg. 1):
+
+* the teacher theta_t is an EMA of the student (Sec. 4.2): ``theta_t <- gamma theta_t + (1-gamma) theta_s``
+* the temperature tau_e follows a cosine schedule from tau_high down to tau_low, the
+  interpolation lambda_e a cosine schedule from lambda_low up to lambda_high;
+* ``P_t = softmax(f_theta_t(x) / tau_e)`` on the clean batch                       (Eq. 3)
+* ``lambda_i = clip_[0,1](lambda_e - (P_t[psi_i] - P_t[y_i]))``, psi_i = argmax P_t  (Eq. 4)
+* ``P = lambda_i P_t + (1 - lambda_i) onehot(y)``                                   (Eq. 5)
+
+P replaces the hard label in the attack and in the loss (PGD-AT, Eq. 1-2) or in the natural
+term (TRADES).  The official code indexes the schedules by global step and its EMA teacher is
+timm's ModelEmaV2 (eval mode, parameters and buffers averaged) -- both followed here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..averaging import EMA
+from .base import Rectifier, Target
+
+__all__ = ["ADR", "rectify", "cosine_schedule", "ADR_PRESETS"]
+
+#: the paper's hyper-parameters (Sec. 5.1): (lambda_low, lambda_high, tau_high, tau_low)
+ADR_PRESETS = {
+    "cifar10": dict(lambda_low=0.7, lambda_high=0.95, tau_high=2.5, tau_low=2.0),
+    "cifar100": dict(lambda_low=0.7, lambda_high=0.95, tau_high=1.5, tau_low=1.0),
+    "tiny_imagenet": dict(lambda_low=0.5, lambda_high=0.9, tau_high=2.0, tau_low=1.5),
+}
+
+
+def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
+    """Cosine annealing from ``start`` (step 0) to ``end`` (step ``total_steps``)."""
+    if total_steps <= 0:
+        return end
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def rectify(teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+            interpolation: float) -> torch.Tensor:
+    """ADR's rectified distribution (Eq. 3-5) from teacher logits [B, C] and labels [B]."""
+    if teacher_logits.dim() != 2:
+        raise ValueError(f"teacher_logits must be [B, C], got shape {tuple(teacher_logits.shape)}")
+    if labels.shape != teacher_logits.shape[:1]:
+        raise ValueError(f"labels must be [B] = [{teacher_logits.shape[0]}], got shape {tuple(labels.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    labels = labels.long()
+    pt = F.softmax(teacher_logits.detach().float() / temperature, dim=1)             # Eq. 3
+    p_pred = pt.max(dim=1).values                                                      # P_t[psi_i]
+    p_true = pt.gather(1, labels[:, None]).squeeze(1)                                  # P_t[y_i]
+    lam = (interpolation - (p_pred - p_true)).clamp(0.0, 1.0)[:, None]               # Eq. 4
+    onehot = F.one_hot(labels, pt.shape[1]).to(pt.dtype)
+    return lam * pt + (1.0 - lam) * onehot                                             # Eq. 5
+
+
+class ADR(Rectifier):
+    """ADR rectifier.  ``total_steps`` = optimizer steps of the whole run (the schedules' length).
+
+    ``teacher``: an existing :class:`~rb_labelrefine.averaging.EMA` to use as the teacher (e.g.
+    the WA model when its decay is the same); by default ADR keeps its own EMA of ``model``.
+    """
+    name = "adr"
+
+    def __init__(self, model: nn.Module, num_classes: int, total_steps: int, *, ema_decay: float = 0.995,
+                 tau_high: float = 2.5, tau_low: float = 2.0, lambda_low: float = 0.7,
+                 lambda_high: float = 0.95, teacher: Optional[EMA] = None):
+        super().__init__(num_classes)
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        for name, v in (("lambda_low", lambda_low), ("lambda_high", lambda_high)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if tau_high <= 0 or tau_low <= 0:
+            raise ValueError("temperatures must be > 0")
+        self.total_steps = int(total_steps)
+        self.tau_high, self.tau_low = float(tau_high), float(tau_low)
+        self.lambda_low, self.lambda_high = float(lambda_low), float(lambda_high)
+        self.owns_teacher = teacher is None
+        self.teacher = teacher if teacher is not None else EMA(model, decay=ema_decay)
+
+    @classmethod
+    def for_dataset(cls, dataset: str, model: nn.Module, num_classes: int, total_steps: int, **kw) -> "ADR":
+        """The paper's (lambda, tau) for ``cifar10`` / ``cifar100`` / ``tiny_imagenet``."""
+        if dataset not in ADR_PRESETS:
+            raise ValueError(f"no ADR preset for {dataset!r}; known: {sorted(ADR_PRESETS)}")
+        return cls(model, num_classes, total_steps, **{**ADR_PRESETS[dataset], **kw})
+
+    @classmethod
+    def cifar10(cls, model, total_steps, **kw):
+        return cls.for_dataset("cifar10", model, 10, total_steps, **kw)
+
+    @classmethod
+    def cifar100(cls, model, total_steps, **kw):
+        return cls.for_dataset("cifar100", model, 100, total_steps, **kw)
+
+    # schedules indexed by the global step, as in the official code
+    @property
+    def temperature(self) -> float:
+        return cosine_schedule(self.step, self.total_steps, self.tau_high, self.tau_low)
+
+    @property
+    def interpolation(self) -> float:
+        return cosine_schedule(self.step, self.total_steps, self.lambda_low, self.lambda_high)
+
+    def targets(self, x, y, *, index=None) -> Target:
+        self._check_labels(y)
+        with torch.no_grad():
+            t_logits = self.teacher(x)  # teacher in eval mode (ModelEmaV2 semantics)
+        dist = rectify(t_logits, y, self.temperature, self.interpolation)
+        return Target(y, dist)  # P is used by the attack and by the loss
+
+    def after_step(self, model: nn.Module) -> None:
+        if self.owns_teacher:
+            self.teacher.update(model)
+        super().after_step(model)
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        if self.owns_teacher:
+            sd["teacher"] = self.teacher.state_dict()
+        return sd
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.owns_teacher:
+            self.teacher.load_state_dict(state["teacher"])
+
+    def to(self, device):
+        self.teacher.to(device)
+        return self
+
+    def extra_repr(self):
+        return (f"tau={self.tau_high}->{self.tau_low}, lambda={self.lambda_low}->{self.lambda_high}, "
+                f"ema_decay={self.teacher.decay}, total_steps={self.total_steps}")

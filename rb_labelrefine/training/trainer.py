@@ -1,0 +1,606 @@
+"""The built-in trainer: a composition of parts, no branching on a method's name.
+
+    config -> data, model -> rectifier, objective(attack), companions (WA / SWA / AWP)
+           -> loop (checkpoint / resume / signals) -> best + final weights -> summary
+
+Per step (the same five lines a user writes in their own torchattacks loop)::
+
+    target = rectifier.targets(x, y, index=idx)
+    x_adv  = objective.adversarial(model, x, target)
+    loss   = objective.loss(model, x, x_adv, target)      # AWP: at perturbed weights
+    optimizer step
+    rectifier.after_step(model); averagers update
+
+Per epoch: PGD-k on the held-out validation split selects the best checkpoint (the papers'
+early-stopping protocol), clean and PGD-k accuracy on a fixed test subset draw the curve, and
+a checkpoint of *everything* that shapes the run is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Sampler
+
+from .. import __version__
+from ..attacks import build_attack, default_attack_name
+from ..averaging import AWP, EMA, SWA, scale_decay
+from ..config import Config, ConfigError, config_to_dict, dump_config
+from ..objectives import build_objective
+from ..rectifiers.registry import BuildContext, build_rectifier
+from ..runs import RUN_FILES, build_model_for, info_to_metadata, read_weights, write_weights
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+
+__all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLossError", "ResumeError", "train"]
+
+CHECKPOINT_FORMAT = 1
+# Fields that may differ between a run and its resume (they do not change the results).
+RESUMABLE_DIFFERENCES = {"train.device", "train.threads", "train.log_every", "data.num_workers", "name",
+                         "description"}
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT: the current step finished, a checkpoint was written."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the last good state was checkpointed."""
+
+
+class ResumeError(ValueError):
+    """The resume directory does not belong to this config, or its checkpoint is unusable."""
+
+
+class EpochSampler(Sampler):
+    """A permutation that depends only on (seed, epoch): a resumed run sees the same order,
+    and can skip the batches it already did."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.skip:].tolist())
+
+    def __len__(self):
+        return self.n - self.skip
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "CUDA was requested but is not available on this machine")
+    return dev
+
+
+def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """Learning rate of a step.  Milestones < 1 are fractions of training (ADR: 0.5, 0.75),
+    larger ones are epochs (KD+SWA: 100, 150)."""
+    o, E = cfg.optim, cfg.train.epochs
+    if o.schedule == "constant":
+        return o.lr
+    if o.schedule == "cosine":
+        t = (epoch + step_in_epoch / max(steps_per_epoch, 1)) / E
+        return 0.5 * o.lr * (1 + math.cos(math.pi * min(t, 1.0)))
+    n = sum(1 for m in o.milestones if epoch >= (m * E if m < 1 else m))
+    return o.lr * (o.gamma ** n)
+
+
+def first_decay_epoch(cfg: Config) -> int:
+    ms = sorted(int(round(m * cfg.train.epochs)) if m < 1 else int(m) for m in cfg.optim.milestones)
+    return ms[0] if ms else cfg.train.epochs // 2
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": _py_state_to_plain(random.getstate()),
+    }
+
+
+def _py_state_to_plain(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+class Trainer:
+    """Train one config into ``out_dir``.  ``fit()`` returns the summary dict."""
+
+    def __init__(self, cfg: Config, out_dir, *, resume: bool = False, progress: bool = True,
+                 log=None, handle_signals: bool = True, datasets=None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.handle_signals = handle_signals
+        self._stop_signal: Optional[int] = None
+        self._datasets = datasets
+
+    # ------------------------------------------------------------------ setup
+    def _check_out_dir(self):
+        ckpt = self.out / RUN_FILES["checkpoint"]
+        cfg_file = self.out / RUN_FILES["config"]
+        if self.resume:
+            if not ckpt.exists():
+                raise ResumeError(f"--resume: no checkpoint at {ckpt}; start a new run without --resume")
+            if cfg_file.exists():
+                from ..config import load_config
+                try:
+                    old = load_config(str(cfg_file))
+                except ConfigError as exc:
+                    raise ResumeError(f"--resume: {cfg_file} is not a valid config ({exc})") from None
+                a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(self.cfg))
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_DIFFERENCES)
+                if diff:
+                    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
+                    raise ResumeError(f"--resume: {self.out} was trained with a different config ({shown}). "
+                                      "Resume with the same config, or choose a new --out directory.")
+        elif ckpt.exists() or (self.out / RUN_FILES["final"]).exists():
+            raise ResumeError(f"{self.out} already holds a run; pass --resume to continue it, or choose a new "
+                              "--out directory (nothing was overwritten)")
+
+    def _setup(self):
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.device = _resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+
+        from ..data import build_datasets, validate_batch
+
+        if self._datasets is None:
+            d = cfg.data
+            self._datasets = build_datasets(d.name, root=d.root, val_fraction=d.val_fraction,
+                                            train_subset=d.train_subset, augment=d.augment, seed=d.seed,
+                                            test_subset=d.test_subset)
+        self.train_ds, self.val_ds, self.test_ds, self.info = self._datasets
+        if len(self.train_ds) == 0:
+            raise ConfigError("data.train_subset", "the training split is empty")
+        self.sampler = EpochSampler(len(self.train_ds), cfg.train.seed)
+        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.data.batch_size, sampler=self.sampler,
+                                       num_workers=cfg.data.num_workers, drop_last=False,
+                                       # its own generator: creating an epoch's iterator must not
+                                       # draw from the global RNG (bit-exact resume mid-epoch)
+                                       generator=torch.Generator().manual_seed(cfg.train.seed))
+        self.steps_per_epoch = math.ceil(len(self.train_ds) / cfg.data.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        # check the data against the model once, with clear messages, before hours of training
+        x0, y0, _ = next(iter(DataLoader(self.train_ds, batch_size=min(8, len(self.train_ds)))))
+        validate_batch(x0, y0, self.info.num_classes)
+
+        self.model = build_model_for(cfg, self.info).to(self.device)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            self.model.eval()
+            try:
+                out = self.model(x0.to(self.device))
+            except RuntimeError as exc:
+                raise ConfigError("model.arch", f"{cfg.model.arch} cannot take the data's inputs of shape "
+                                  f"{tuple(x0.shape[1:])}: {str(exc).splitlines()[0]}") from None
+            self.model.train()
+        if out.shape[-1] != self.info.num_classes:
+            raise ConfigError("model.arch", f"the model predicts {out.shape[-1]} classes, the data has "
+                              f"{self.info.num_classes}")
+
+        self.decay_scale = lambda d: scale_decay(d, self.steps_per_epoch, cfg.train.reference_steps_per_epoch)
+        self.wa = None
+        if cfg.wa.enabled:
+            self.wa = EMA(self.model, decay=self.decay_scale(cfg.wa.decay),
+                          warmup_steps=int(round(cfg.wa.warmup_epochs * self.steps_per_epoch)))
+        self.swa = None
+        if cfg.swa.enabled:
+            start = cfg.swa.start_epoch if cfg.swa.start_epoch is not None else first_decay_epoch(cfg)
+            self.swa = SWA(self.model, start_epoch=start)
+        ctx = BuildContext(model=self.model, num_classes=self.info.num_classes, num_samples=len(self.train_ds),
+                           total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                           decay_scale=self.decay_scale, load_teacher=self._load_teacher, shared_ema=self.wa)
+        self.rectifier = build_rectifier(cfg.method, ctx).to(self.device)
+        a = cfg.attack
+        atk_name = default_attack_name(cfg.objective.name) if a.name == "auto" else a.name
+        attack = build_attack(atk_name, self.model, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
+                              random_start=a.random_start, bn_mode=a.bn_mode)
+        self.objective = build_objective(cfg.objective.name, attack, beta=cfg.objective.beta)
+        self.awp = AWP(self.model, gamma=cfg.awp.gamma, proxy_lr=cfg.awp.proxy_lr) if cfg.awp.enabled else None
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
+                                         weight_decay=o.weight_decay, nesterov=o.nesterov)
+        self.eval_loaders()
+
+    def eval_loaders(self):
+        bs = self.cfg.eval.batch_size
+        self.val_loader = DataLoader(self.val_ds, batch_size=bs) if len(self.val_ds) else None
+        test = self.test_ds
+        n = self.cfg.eval.curve_test_size
+        if n is not None and n < len(test):
+            test = torch.utils.data.Subset(test, list(range(n)))  # fixed subset (test is pre-shuffled)
+        self.curve_loader = DataLoader(test, batch_size=bs)
+
+    def _load_teacher(self, path: str, field: str) -> nn.Module:
+        """A frozen teacher of the student's architecture: a run directory (its best weights)
+        or a .safetensors / weights-only .pt state dict."""
+        from .io import UnsafeCheckpointError
+
+        p = Path(path)
+        if p.is_dir():
+            p = p / RUN_FILES["best"]
+        if not p.exists():
+            raise ConfigError(field, f"teacher checkpoint not found: {p}")
+        if p.suffix == ".safetensors":
+            try:
+                state, _ = read_weights(p)
+            except ValueError as exc:
+                raise ConfigError(field, str(exc)) from None
+        else:
+            try:
+                state = safe_torch_load(p)
+            except UnsafeCheckpointError as exc:
+                raise ConfigError(field, str(exc)) from None
+            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+                state = state["model"]
+        teacher = build_model_for(self.cfg, self.info)
+        try:
+            teacher.load_state_dict(state)
+        except (RuntimeError, TypeError) as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(field, f"teacher {p} does not match the student's architecture "
+                              f"{self.cfg.model.arch} ({first})") from None
+        return teacher.to(self.device)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, epoch: int, batch: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "epoch": epoch, "batch": batch, "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rectifier": self.rectifier.state_dict(),
+            "wa": self.wa.state_dict() if self.wa is not None else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
+            "awp": self.awp.state_dict() if self.awp is not None else None,
+            "rng": _rng_state(),
+            "best": dict(self.best),
+            "history": json.dumps(self.history),
+            "epoch_acc": {k: float(v) for k, v in self.epoch_acc.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ResumeError(f"unsupported checkpoint format {state.get('format')!r}")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ResumeError(f"the checkpoint's model does not match the config: {str(exc).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rectifier.load_state_dict(state["rectifier"])
+        if self.wa is not None:
+            self.wa.load_state_dict(state["wa"])
+        if self.swa is not None:
+            self.swa.load_state_dict(state["swa"])
+        if self.awp is not None:
+            self.awp.load_state_dict(state["awp"])
+        self.global_step = int(state["global_step"])
+        self.best = dict(state["best"])
+        self.history = json.loads(state["history"])
+        self.epoch_acc = dict(state.get("epoch_acc", {}))
+        self.start_epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
+        _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, epoch: int, batch: int) -> Path:
+        path = self.out / RUN_FILES["checkpoint"]
+        atomic_torch_save(self.state_dict(epoch, batch), path)
+        return path
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluated_model(self) -> tuple[nn.Module, str]:
+        which = self.cfg.eval.model
+        if which == "auto":
+            which = "swa" if (self.swa is not None and self.swa.active) else ("ema" if self.wa is not None else "raw")
+        if which == "swa" and self.swa is not None and self.swa.active:
+            if self.swa.bn_stale and self.cfg.swa.bn_update:
+                self.swa.update_bn(self._bn_loader(), device=self.device)
+            return self.swa.module, "swa"
+        if which == "ema" and self.wa is not None:
+            return self.wa.module, "ema"
+        return self.model, "raw"
+
+    def _bn_loader(self):
+        return DataLoader(self.train_ds, batch_size=self.cfg.data.batch_size, shuffle=False)
+
+    def _evaluate(self, model: nn.Module, loader, steps: int) -> tuple[float, float]:
+        from ..evaluation.pgd import clean_accuracy, pgd_accuracy
+
+        a = self.cfg.attack
+        was = model.training
+        model.eval()
+        clean = clean_accuracy(model, loader, device=self.device)
+        robust = pgd_accuracy(model, loader, eps=a.eps, alpha=a.alpha, steps=steps, norm=a.norm,
+                              random_start=True, device=self.device)
+        model.train(was)
+        return clean, robust
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log(f"received {signal.Signals(signum).name}: finishing the current step, then checkpointing")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        from ..config import check_runnable
+
+        check_runnable(self.cfg)
+        self._check_out_dir()
+        self._setup()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.global_step, self.start_epoch, self.start_batch = 0, 0, 0
+        self.best = {"epoch": -1, "val_pgd": -1.0}
+        self.history = []
+        self.epoch_acc = {}
+        if self.resume:
+            self.load_state_dict(safe_torch_load(self.out / RUN_FILES["checkpoint"], map_location=self.device))
+            self.log(f"resumed from {self.out / RUN_FILES['checkpoint']} at epoch {self.start_epoch + 1}, "
+                     f"batch {self.start_batch}")
+        else:
+            atomic_write_text(self.out / RUN_FILES["config"], dump_config(self.cfg))
+        old_handlers = {}
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    old_handlers[sig] = signal.signal(sig, self._on_signal)
+                except ValueError:  # not the main thread
+                    pass
+        try:
+            return self._loop()
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+
+    def _loop(self) -> dict:
+        cfg = self.cfg
+        t_start = time.time()
+        from tqdm.auto import tqdm
+
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            skip = self.start_batch if epoch == self.start_epoch else 0
+            self.sampler.set_epoch(epoch, skip)
+            if skip == 0:
+                self.epoch_acc = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
+            t0 = time.time()
+            self.model.train()
+            bar = tqdm(self.train_loader, total=self.steps_per_epoch, initial=skip, leave=False,
+                       desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                       disable=None if self.progress else True)  # None: off when not a terminal
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device)
+            seen = 0
+            batch = skip
+            for x, y, idx in bar:
+                lr = lr_at(cfg, epoch, batch, self.steps_per_epoch)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                loss, logits_adv = self.train_step(x, y, idx, epoch)
+                loss_sum += loss.detach() * y.shape[0]
+                correct += (logits_adv.detach().argmax(1) == y).sum()
+                seen += y.shape[0]
+                batch += 1
+                if self._stop_signal is not None and batch < self.steps_per_epoch:
+                    self._flush_epoch_acc(loss_sum, correct, seen, t0)
+                    self.save_checkpoint(epoch, batch)
+                    self._interrupted(epoch, batch)
+            bar.close()
+            self._flush_epoch_acc(loss_sum, correct, seen, t0)
+            self.rectifier.end_epoch(self.model)
+            if self.swa is not None:
+                self.swa.end_epoch(self.model, epoch)
+            self._end_of_epoch(epoch)
+            if self._stop_signal is not None:
+                self.save_checkpoint(epoch + 1, 0)
+                self._interrupted(epoch + 1, 0)
+        return self._finish(time.time() - t_start)
+
+    def train_step(self, x, y, idx, epoch: int):
+        target = self.rectifier.targets(x, y, index=idx)
+        x_adv = self.objective.adversarial(self.model, x, target)
+        self.model.train()
+        use_awp = self.awp is not None and epoch >= self.cfg.awp.warmup_epochs
+        if use_awp:
+            self.awp.perturb(self.model, lambda m: self.objective.loss(m, x, x_adv, target)[0])
+        loss, logits_adv = self.objective.loss(self.model, x, x_adv, target)
+        if not torch.isfinite(loss):
+            if use_awp:
+                self.awp.restore()
+            path = self.save_checkpoint(epoch, self._batch_in_epoch())
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, step {self.global_step}; the "
+                f"last good state is in {path}. Lower optim.lr, check the data, or set train.grad_clip.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        if use_awp:
+            self.awp.restore()
+        self.rectifier.after_step(self.model)
+        if self.wa is not None:  # (when ADR shares it as its teacher, ADR does not update it)
+            self.wa.update(self.model)
+        self.global_step += 1
+        return loss, logits_adv
+
+    def _batch_in_epoch(self) -> int:
+        return self.global_step % self.steps_per_epoch
+
+    def _flush_epoch_acc(self, loss_sum, correct, seen, t0):
+        acc = self.epoch_acc
+        acc["loss"] += float(loss_sum)
+        acc["correct"] += float(correct)
+        acc["seen"] += seen
+        acc["time"] += time.time() - t0
+        loss_sum.zero_()
+        correct.zero_()
+
+    def _interrupted(self, epoch, batch):
+        self._write_curves()
+        sig = signal.Signals(self._stop_signal).name
+        raise TrainingInterrupted(
+            f"stopped by {sig} at epoch {epoch + (1 if batch else 0)}, step {self.global_step}; checkpoint written to "
+            f"{self.out / RUN_FILES['checkpoint']}. Resume with: rb-labelrefine train --config "
+            f"{self.out / RUN_FILES['config']} --out {self.out} --resume")
+
+    def _end_of_epoch(self, epoch: int):
+        cfg = self.cfg
+        acc = self.epoch_acc
+        model, which = self.evaluated_model()
+        rec = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, 0, self.steps_per_epoch),
+               "train_loss": acc["loss"] / max(acc["seen"], 1),
+               "train_robust_acc": 100.0 * acc["correct"] / max(acc["seen"], 1),
+               "train_time_s": acc["time"], "eval_model": which}
+        if self.val_loader is not None:
+            rec["val_clean"], rec["val_pgd"] = self._evaluate(model, self.val_loader, cfg.eval.val_attack_steps)
+        if (epoch + 1) % cfg.eval.test_every == 0 or epoch + 1 == cfg.train.epochs:
+            rec["test_clean"], rec["test_pgd"] = self._evaluate(model, self.curve_loader, cfg.eval.test_attack_steps)
+        self.history.append(rec)
+        score = rec.get("val_pgd", rec.get("test_pgd"))
+        if score is not None and score > self.best["val_pgd"]:
+            self.best = {"epoch": epoch + 1, "val_pgd": score, "val_clean": rec.get("val_clean"),
+                         "test_clean": rec.get("test_clean"), "test_pgd": rec.get("test_pgd"), "eval_model": which}
+            write_weights(model, self.out / RUN_FILES["best"], self._weights_meta(epoch + 1, which))
+        parts = [f"epoch {epoch + 1}/{cfg.train.epochs}", f"loss {rec['train_loss']:.4f}",
+                 f"train-adv {rec['train_robust_acc']:.1f}%"]
+        if "val_pgd" in rec:
+            parts.append(f"val clean {rec['val_clean']:.1f}% pgd{cfg.eval.val_attack_steps} {rec['val_pgd']:.1f}%")
+        if "test_pgd" in rec:
+            parts.append(f"test clean {rec['test_clean']:.1f}% pgd{cfg.eval.test_attack_steps} {rec['test_pgd']:.1f}%")
+        parts.append(f"[{which}] {acc['time']:.1f}s")
+        if self.progress:
+            self.log(" | ".join(parts))
+        atomic_write_json(self.out / RUN_FILES["history"], self.history)
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+            self.save_checkpoint(epoch + 1, 0)
+
+    def _weights_meta(self, epoch: int, which: str) -> dict:
+        return {"arch": self.cfg.model.arch, "num_classes": self.info.num_classes, "dataset": self.info.name,
+                "epoch": epoch, "eval_model": which, "method": self.cfg.method.name,
+                "objective": self.cfg.objective.name, "rb_labelrefine": __version__,
+                "data_info": info_to_metadata(self.info)}
+
+    def _write_curves(self):
+        if not self.history:
+            return None
+        from ..plots import plot_curves
+
+        return plot_curves({self.cfg.name: self.history}, self.out / RUN_FILES["curves"])
+
+    def _finish(self, elapsed: float) -> dict:
+        cfg = self.cfg
+        model, which = self.evaluated_model()
+        final_path = write_weights(model, self.out / RUN_FILES["final"], self._weights_meta(cfg.train.epochs, which))
+        last = self.history[-1] if self.history else {}
+        summary = {
+            "name": cfg.name, "method": cfg.method.name, "objective": cfg.objective.name,
+            "dataset": self.info.name, "arch": cfg.model.arch, "epochs": cfg.train.epochs,
+            "steps_per_epoch": self.steps_per_epoch, "device": str(self.device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "train_seconds": round(elapsed, 2),
+            "attack_bn_mode": cfg.attack.bn_mode, "eval_model": which,
+            "effective_decays": {k: v for k, v in {
+                "wa": self.wa.decay if self.wa is not None else None,
+                "adr_teacher": getattr(getattr(self.rectifier, "teacher", None), "decay", None)}.items() if v is not None},
+            "best_epoch": self.best["epoch"],
+            "best": {k: v for k, v in self.best.items() if k != "epoch"},
+            "final": {"epoch": cfg.train.epochs, **{k: last.get(k) for k in ("val_clean", "val_pgd", "test_clean", "test_pgd")}},
+            "paths": {"best": str(self.out / RUN_FILES["best"]), "final": str(final_path),
+                      "config": str(self.out / RUN_FILES["config"]), "history": str(self.out / RUN_FILES["history"]),
+                      "checkpoint": str(self.out / RUN_FILES["checkpoint"])},
+        }
+        curves = self._write_curves()
+        if curves is not None:
+            summary["paths"]["curves"] = str(curves)
+        if cfg.eval.autoattack:
+            summary["autoattack"] = self.run_autoattack()
+        atomic_write_json(self.out / RUN_FILES["summary"], summary)
+        return summary
+
+    def run_autoattack(self) -> dict:
+        """AutoAttack (official) on the best and the final weights, on the test split."""
+        from ..evaluation.autoattack import run_autoattack
+        from ..runs import read_weights as _rw
+
+        cfg = self.cfg
+        x, y = _stack(self.test_ds, cfg.eval.autoattack_n)
+        out = {}
+        for which in ("best", "final"):
+            model = build_model_for(cfg, self.info).to(self.device)
+            state, _ = _rw(self.out / RUN_FILES[which])
+            model.load_state_dict(state)
+            model.eval()
+            res = run_autoattack(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps,
+                                 version=cfg.eval.autoattack_version, device=str(self.device),
+                                 batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
+            out[which] = res
+            self.log(f"AutoAttack ({cfg.eval.autoattack_version}) on {which}: clean {res['clean_acc']:.2f}%  "
+                     f"robust {res['robust_acc']:.2f}%  ({res['n']} points, {res.get('seconds', 0):.0f}s)")
+        return out
+
+
+def _stack(ds, n: Optional[int] = None):
+    n = len(ds) if n is None else min(n, len(ds))
+    xs, ys = [], []
+    for i in range(n):
+        item = ds[i]
+        xs.append(item[0])
+        ys.append(int(item[1]))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def train(cfg: Config, out_dir, **kw) -> dict:
+    return Trainer(cfg, out_dir, **kw).fit()
