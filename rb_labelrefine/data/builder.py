@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
-import torch
 from torch.utils.data import Subset
 
 from .builtin import load_digits_data, load_synthetic

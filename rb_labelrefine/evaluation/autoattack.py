@@ -33,7 +33,7 @@ from ..compat.robustbench import classic_autoattack
 from .pgd import eval_mode
 
 __all__ = ["ATTACKS", "VERSIONS", "AA_NORMS", "STANDARD_ATTACKS", "run_autoattack", "machine_info",
-           "describe_autoattack"]
+           "describe_autoattack", "square_attack_class", "rng_guard"]
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -46,13 +46,33 @@ _AFTER_RE = re.compile(r"robust accuracy after ([A-Za-z0-9\-]+):\s*([0-9.]+)%")
 _INITIAL_RE = re.compile(r"initial accuracy:\s*([0-9.]+)%")
 
 
+def _cpu_name() -> str:
+    try:  # Linux: the marketing name; platform.processor() is often just "x86_64" or empty
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def rng_guard(device):
+    """Fork torch's RNG for the block: AutoAttack and Square reseed the *global* generator,
+    which would otherwise change the data order and augmentation of a training run that
+    evaluates mid-way."""
+    device = torch.device(device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def machine_info(device="cpu") -> dict:
     """Where a number was measured: device kind and name, torch version, CPU threads."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine() or "unknown CPU"
+        name = _cpu_name()
     return {
         "device": str(device),
         "device_name": name,
@@ -105,6 +125,16 @@ def _apply_attack_params(adversary, attack_params: dict) -> None:
         if not hasattr(target, attr):
             raise ValueError(f"{comp} has no setting {attr!r}")
         setattr(target, attr, value)
+
+
+def square_attack_class():
+    """The official Square Attack class from the same backend :func:`run_autoattack` uses."""
+    _, backend, _ = classic_autoattack()
+    if backend == "autoattack":
+        from autoattack.square import SquareAttack
+    else:
+        from pyautoattack.square import SquareAttack
+    return SquareAttack
 
 
 class _Capture(logging.Handler):
@@ -191,7 +221,7 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
     stdout = io.StringIO()
     start = time.perf_counter()
     try:
-        with eval_mode(model), warnings.catch_warnings(record=True) as caught:
+        with eval_mode(model), rng_guard(device), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             adversary = AutoAttack(model, **kwargs)
             if attack_params:

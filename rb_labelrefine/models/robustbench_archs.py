@@ -13,6 +13,7 @@ work with pyautoattack). Two limits of that code are made explicit here:
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Optional
 
@@ -24,11 +25,9 @@ __all__ = ["preact_resnet18", "resnet18", "wrn", "wrn_28_10", "wrn_34_10", "wrn_
 
 
 def _architectures(module: str):
-    from rb_labelrefine.compat.robustbench import import_robustbench
+    from ..compat.robustbench import import_robustbench
 
     import_robustbench()  # registers the autoattack shim robustbench/__init__ needs
-    import importlib
-
     return importlib.import_module(f"robustbench.model_zoo.architectures.{module}")
 
 

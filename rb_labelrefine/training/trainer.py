@@ -588,7 +588,7 @@ class Trainer:
                                  batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
             out[which] = res
             self.log(f"AutoAttack ({cfg.eval.autoattack_version}) on {which}: clean {res['clean_acc']:.2f}%  "
-                     f"robust {res['robust_acc']:.2f}%  ({res['n']} points, {res.get('seconds', 0):.0f}s)")
+                     f"robust {res['robust_acc']:.2f}%  ({res['n']} points, {res.get('elapsed_s', 0):.0f}s)")
         return out
 
 
