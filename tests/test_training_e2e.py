@@ -1,0 +1,105 @@
+"""A few steps of end-to-end training per method and per companion, on a tiny model (CPU)."""
+import json
+
+import pytest
+import torch
+
+from rb_labelrefine.config import load_config
+from rb_labelrefine.runs import load_run_model, read_weights
+from rb_labelrefine.training.trainer import Trainer
+
+TINY = ["data.name=synthetic", "data.batch_size=32", "data.val_fraction=0.125", "model.arch=mlp",
+        "attack.eps=0.1", "attack.alpha=0.05", "attack.steps=2", "train.epochs=2", "train.threads=1",
+        "eval.curve_test_size=32", "eval.val_attack_steps=2", "eval.test_attack_steps=2",
+        "train.reference_steps_per_epoch=null"]
+
+
+def _train(tmp_path, name, preset, extra=()):
+    cfg = load_config(preset, TINY + list(extra))
+    return Trainer(cfg, tmp_path / name, progress=False).fit()
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    _train(root, "natural", "digits-natural")
+    _train(root, "robust", "digits-pgdat")
+    return root
+
+
+def _check_run(summary, run_dir):
+    for key in ("best", "final", "config", "history"):
+        assert (run_dir / summary["paths"][key].split("/")[-1]).exists()
+    hist = json.loads((run_dir / "history.json").read_text())
+    assert len(hist) == 2 and all(0 <= r["test_pgd"] <= r["test_clean"] + 1e-9 for r in hist)
+    assert summary["best_epoch"] in (1, 2)
+    model, cfg, info = load_run_model(run_dir, "final")
+    x = torch.rand(2, info.channels, info.image_size, info.image_size)
+    assert model(x).shape == (2, info.num_classes)
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("digits-pgdat", []),
+    ("digits-trades", []),
+    ("digits-ls", []),
+    ("digits-adr", []),
+    ("digits-trades-adr", []),
+    ("digits-sglr", []),
+    ("digits-sglr", ["method.variant=code", "method.start_epoch=1"]),
+])
+def test_method_trains(tmp_path, preset, extra):
+    s = _train(tmp_path, "run", preset, extra)
+    _check_run(s, tmp_path / "run")
+    assert s["method"] == load_config(preset).method.name
+
+
+def test_kd_swa_trains_with_self_teachers(tmp_path, teachers):
+    s = _train(tmp_path, "kd", "digits-kd-swa", [f"method.robust_teacher={teachers / 'robust'}",
+                                                f"method.standard_teacher={teachers / 'natural' / 'best.safetensors'}",
+                                                "swa.start_epoch=0"])
+    _check_run(s, tmp_path / "kd")
+    assert s["eval_model"] == "swa"
+
+
+@pytest.mark.parametrize("extra", [[], ["awp.enabled=true"]])
+def test_ltd_trains_with_natural_teacher(tmp_path, teachers, extra):
+    s = _train(tmp_path, "ltd", "digits-ltd", [f"method.teacher={teachers / 'natural'}"] + extra)
+    _check_run(s, tmp_path / "ltd")
+    assert s["objective"] == "trades"
+
+
+@pytest.mark.parametrize("companions", [
+    ["wa.enabled=true"],
+    ["awp.enabled=true"],
+    ["swa.enabled=true", "swa.start_epoch=0"],
+    ["wa.enabled=true", "awp.enabled=true"],
+])
+@pytest.mark.parametrize("objective", ["pgd_at", "trades"])
+def test_companions_with_adr(tmp_path, companions, objective):
+    s = _train(tmp_path, "run", "digits-adr", companions + [f"objective.name={objective}"])
+    _check_run(s, tmp_path / "run")
+    expected = "swa" if "swa.enabled=true" in companions else ("ema" if "wa.enabled=true" in companions else "raw")
+    assert s["eval_model"] == expected
+
+
+def test_adr_shares_the_wa_ema_as_its_teacher(tmp_path):
+    cfg = load_config("digits-adr-wa", TINY)
+    tr = Trainer(cfg, tmp_path / "r", progress=False)
+    tr.fit()
+    assert tr.rectifier.teacher is tr.wa                   # one EMA, not two
+    assert int(tr.wa.num_updates) == tr.global_step         # updated once per step
+    best, _ = read_weights(tmp_path / "r" / "final.safetensors")
+    assert all(torch.equal(best[k], v) for k, v in tr.wa.module.state_dict().items())
+
+
+def test_decays_are_rescaled_to_epochs(tmp_path):
+    cfg = load_config("digits-adr-wa", TINY[:-1] + ["train.reference_steps_per_epoch=391"])
+    tr = Trainer(cfg, tmp_path / "r", progress=False)
+    s = tr.fit()
+    spe = s["steps_per_epoch"]
+    assert s["effective_decays"]["wa"] == pytest.approx(0.995 ** (391 / spe))
+
+
+def test_training_improves_over_chance(tmp_path):
+    s = _train(tmp_path, "run", "digits-adr", ["train.epochs=4", "optim.lr=0.1"])
+    assert s["final"]["test_clean"] > 30.0   # 10 classes: chance is 10 %
