@@ -7,6 +7,7 @@ format with a model card, draw both training curves, and write ``summary.json``.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,14 +33,13 @@ def run_quickstart(out_dir, *, progress: bool = True, autoattack_n: Optional[int
     t0 = time.time()
     summary: dict = {"dataset": "digits (scikit-learn, 8x8, 10 classes)", "methods": {}}
     histories = {}
+    aa_results = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for method, preset in QUICKSTART_PRESETS.items():
         cfg = load_config(preset, overrides or [])
         run_dir = out / method
         log(f"[quickstart] training {method} ({preset}) -> {run_dir}")
         res = Trainer(cfg, run_dir, progress=progress, resume=(run_dir / "checkpoint.pt").exists()).fit()
-        import json
-
         histories[method] = json.loads((run_dir / "history.json").read_text())
         model, _, info = load_run_model(run_dir, "best", device=device)
         from .data import build_datasets
@@ -51,6 +51,7 @@ def run_quickstart(out_dir, *, progress: bool = True, autoattack_n: Optional[int
         aa = run_autoattack(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps, version="standard",
                             device=device, seed=0)
         res["autoattack"] = {"best": aa}
+        aa_results[method] = aa
         atomic_write_json(run_dir / "summary.json", res)
         summary["methods"][method] = {
             "preset": preset,
@@ -74,9 +75,7 @@ def run_quickstart(out_dir, *, progress: bool = True, autoattack_n: Optional[int
     from .export.robustbench_export import export_run
 
     log("[quickstart] exporting the ADR model in RobustBench format")
-    written = export_run(out / "adr", out / "export", which="best",
-                         autoattack=summary["methods"]["adr"] and
-                         (__import__("json").loads((out / "adr" / "summary.json").read_text()))["autoattack"])
+    written = export_run(out / "adr", out / "export", which="best", autoattack={"best": aa_results["adr"]})
     summary["methods"]["adr"]["paths"]["export"] = {k: str(v) for k, v in written.items()}
     summary["machine"] = _machine()
     summary["total_seconds"] = round(time.time() - t0, 1)
