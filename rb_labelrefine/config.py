@@ -379,8 +379,8 @@ def validate(cfg: Config) -> Config:
     _check(e.val_attack_steps >= 1, "eval.val_attack_steps", "must be >= 1")
     _check(e.test_attack_steps >= 1, "eval.test_attack_steps", "must be >= 1")
     _check(e.test_every >= 1, "eval.test_every", "must be >= 1")
-    _check(e.autoattack_version in ("standard", "plus", "rand", "custom"), "eval.autoattack_version",
-           "must be standard | plus | rand | custom")
+    _check(e.autoattack_version in ("standard", "plus", "rand"), "eval.autoattack_version",
+           "must be standard | plus | rand (custom attack lists: rb-labelrefine eval --attacks ...)")
     return cfg
 
 

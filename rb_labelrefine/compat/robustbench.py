@@ -158,10 +158,23 @@ def classic_autoattack():
     """
     if _real_autoattack_available():
         mod = sys.modules.get("autoattack") or importlib.import_module("autoattack")
-        return mod.AutoAttack, "autoattack", str(getattr(mod, "__version__", "unknown"))
+        return mod.AutoAttack, "autoattack", _version(mod, "autoattack")
     import pyautoattack
 
-    return ClassicAutoAttack, "pyautoattack", str(getattr(pyautoattack, "__version__", "unknown"))
+    return ClassicAutoAttack, "pyautoattack", _version(pyautoattack, "pyautoattack")
+
+
+def _version(module, dist: str) -> str:
+    # The GitHub package has no __version__; its distribution metadata does (setup.py: 0.1).
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version(dist)
+        except Exception:
+            version = "unknown"
+    return str(version)
 
 
 def import_robustbench():

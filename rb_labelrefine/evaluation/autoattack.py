@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -137,7 +138,7 @@ def square_attack_class():
     return SquareAttack
 
 
-class _Capture(logging.Handler):
+class AutoAttackLogCapture(logging.Handler):
     """Collects pyautoattack's log records (its messages and its sanity-check warnings)."""
 
     def __init__(self):
@@ -216,7 +217,16 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
     if version == "custom":
         kwargs["attacks_to_run"] = attacks
 
-    capture = _Capture()
+    text_log = own_log or (str(log_path) if backend == "autoattack" and log_path is not None else None)
+    # The classic Logger appends: remember where this run's lines start.
+    log_offset = os.path.getsize(text_log) if text_log and os.path.exists(text_log) else 0
+
+    handlers = [AutoAttackLogCapture()]
+    if verbose and backend == "pyautoattack":
+        echo = logging.StreamHandler(sys.stdout)
+        echo.setFormatter(logging.Formatter("%(message)s"))
+        handlers.append(echo)
+    capture = handlers[0]
     aa_logger = logging.getLogger("auto-attack")
     stdout = io.StringIO()
     start = time.perf_counter()
@@ -226,13 +236,15 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
             adversary = AutoAttack(model, **kwargs)
             if attack_params:
                 _apply_attack_params(adversary, attack_params)
-            aa_logger.addHandler(capture)
+            for h in handlers:
+                aa_logger.addHandler(h)
             try:
                 redirect = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(stdout)
                 with redirect:
                     x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
             finally:
-                aa_logger.removeHandler(capture)
+                for h in handlers:
+                    aa_logger.removeHandler(h)
             with torch.no_grad():
                 clean_correct = robust_correct = 0
                 for i in range(0, len(x), batch_size):
@@ -242,8 +254,9 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
         elapsed = time.perf_counter() - start
         lines = list(capture.lines)
         flags = list(capture.flags)
-        if own_log is not None or (backend == "autoattack" and log_path is not None):
-            with open(own_log or log_path) as f:
+        if text_log is not None:
+            with open(text_log) as f:
+                f.seek(log_offset)
                 text = f.read()
             lines += text.splitlines()
             flags += [ln[len("Warning:"):].strip() for ln in text.splitlines() if ln.startswith("Warning:")]

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..compat.robustbench import classic_autoattack, import_robustbench
 from ..data.errors import CorruptDatasetError, DatasetNotFoundError
-from .autoattack import _Capture, machine_info
+from .autoattack import AutoAttackLogCapture, machine_info, rng_guard
 from .pgd import eval_mode
 
 __all__ = ["DATASETS", "THREAT_MODELS", "DEFAULT_EPS", "resolve_benchmark", "default_eps", "load_rb_data",
@@ -220,12 +220,12 @@ def benchmark(model: nn.Module, *, dataset: str = "cifar10", threat_model: str =
 
     _, backend, backend_version = classic_autoattack()
     device = torch.device(device)
-    capture = _Capture()
+    capture = AutoAttackLogCapture()
     aa_logger = logging.getLogger("auto-attack")
     aa_logger.addHandler(capture)
     start = time.perf_counter()
     try:
-        with eval_mode(model):
+        with eval_mode(model), rng_guard(device):
             clean, adv = rb.eval.benchmark(
                 model, n_examples=n_examples, dataset=ds, threat_model=tm, to_disk=to_disk,
                 model_name=model_name, data_dir=str(data_dir),

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoattack import machine_info, rng_guard, run_autoattack, square_attack_class
+from .autoattack import describe_autoattack, machine_info, rng_guard, run_autoattack, square_attack_class
 from .pgd import NORMS, eval_mode, format_eps, iter_batches, pgd_attack
 
 __all__ = ["CHECKS", "sanity_report", "format_sanity_markdown", "default_eps_grid"]
@@ -159,13 +159,16 @@ def _zero_gradient(model, x, y, batch_size, device):
     return {"n_zero": n_zero, "n_correct": n_correct, "fraction": frac, "passed": passed, "reason": reason}
 
 
-def sanity_report(model: nn.Module, data, *, eps: float = 8 / 255, norm: str = "Linf", n_ex: int = 200,
+def sanity_report(model: nn.Module, data, y: Optional[Tensor] = None, *, eps: float = 8 / 255, norm: str = "Linf", n_ex: int = 200,
                   eps_grid: Optional[Sequence[float]] = None, eps_sweep_steps: int = 20,
                   steps_grid: Sequence[int] = (10, 20, 50, 100), alpha: Optional[float] = None,
                   square_queries: int = 1000, autoattack: Union[None, bool, dict] = None,
                   autoattack_iters: int = 20, tol: float = 2.0, zero_acc_max: float = 2.0,
                   batch_size: int = 256, seed: int = 0, device="cpu") -> dict:
     """Run the gradient-masking checks on the first ``n_ex`` points of ``data``.
+
+    ``data`` is a loader yielding ``(x, y[, idx])`` or a tensor pair; ``sanity_report(model, x, y)``
+    works too.
 
     Args:
         eps, norm: the threat model the robustness claim is made for.
@@ -193,7 +196,7 @@ def sanity_report(model: nn.Module, data, *, eps: float = 8 / 255, norm: str = "
         raise ValueError(f"steps_grid must be positive integers, got {steps_grid}")
     device = torch.device(device)
     start = time.perf_counter()
-    x, y = _collect(data, n_ex, batch_size)
+    x, y = _collect((data, y) if y is not None else data, n_ex, batch_size)
     model = model.to(device)
     if eps_grid is None:
         eps_grid = default_eps_grid(eps, norm, x[0].numel())
@@ -243,8 +246,6 @@ def sanity_report(model: nn.Module, data, *, eps: float = 8 / 255, norm: str = "
                                           "reason": "not measured (AutoAttack was not run)"}
         else:
             flags = list(aa_result.get("flags") or [])
-            from .autoattack import describe_autoattack
-
             checks["autoattack_flags"] = {
                 "flags": flags, "source": describe_autoattack(aa_result),
                 "backend": f"{aa_result.get('backend')} {aa_result.get('backend_version')}",

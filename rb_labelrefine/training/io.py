@@ -20,7 +20,12 @@ from pathlib import Path
 import torch
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "safe_torch_load", "UnsafeCheckpointError"]
+           "safe_torch_load", "remove_stale_temps", "UnsafeCheckpointError"]
+
+# mkstemp creates its file with mode 0600; the renamed result should get the mode a plain
+# open() would give it (0666 & ~umask), or other users/containers cannot read runs they share.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -48,6 +53,7 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -58,6 +64,21 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temps(directory, names) -> list:
+    """Delete the temporary files (``.NAME.*.tmp``) that :func:`atomic_path` leaves behind when the
+    process is killed mid-write; returns the removed paths.  Call it only while no other process
+    writes into ``directory``."""
+    removed = []
+    for name in names:
+        for p in Path(directory).glob(f".{name}.*.tmp"):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

@@ -40,7 +40,7 @@ from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..objectives import build_objective
 from ..rectifiers.registry import BuildContext, build_rectifier
 from ..runs import RUN_FILES, build_model_for, info_to_metadata, read_weights, write_weights
-from .io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temps, safe_torch_load
 
 __all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLossError", "ResumeError", "train"]
 
@@ -144,6 +144,43 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
+def _check_batch(x, y, idx, num_classes: int, where: str) -> None:
+    """``validate_batch`` on every batch, not only the first 8 samples checked at setup: a bad
+    label deep in the data otherwise surfaces as an IndexError from the loss, NaN pixels as a
+    misleading NonFiniteLossError, and 0-255 pixels or bad validation/test samples not at all.
+    One min/max per tensor on the CPU batch -- negligible next to a PGD step.  The message says
+    which split and batch, and which dataset indices are at fault."""
+    from ..data import validate_batch
+
+    try:
+        validate_batch(x, y, num_classes)
+    except ValueError as exc:
+        at = ""
+        if torch.is_tensor(idx) and x.dim() == 4 and y.dim() == 1 and len(x) == len(y) == len(idx):
+            flat = x.detach().flatten(1).double()
+            bad = ((y < 0) | (y >= num_classes) | ~torch.isfinite(flat).all(1)
+                   | (flat < 0).any(1) | (flat > 1).any(1))
+            if bool(bad.any()):
+                at = f" (dataset indices {idx[bad][:5].tolist()}{' ...' if int(bad.sum()) > 5 else ''})"
+        raise ValueError(f"{where}: {exc}{at}") from None
+
+
+class _CheckedLoader:
+    """An evaluation loader whose batches are validated on their way to the evaluator."""
+
+    def __init__(self, loader, num_classes: int, split: str):
+        self.loader, self.num_classes, self.split = loader, num_classes, split
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            _check_batch(batch[0], batch[1], batch[2] if len(batch) > 2 else None, self.num_classes,
+                         f"{self.split} data (batch {i + 1})")
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+
 class Trainer:
     """Train one config into ``out_dir``.  ``fit()`` returns the summary dict."""
 
@@ -157,6 +194,7 @@ class Trainer:
         self.handle_signals = handle_signals
         self._stop_signal: Optional[int] = None
         self._datasets = datasets
+        self._step_bufs = None
 
     # ------------------------------------------------------------------ setup
     def _check_out_dir(self):
@@ -164,22 +202,34 @@ class Trainer:
         cfg_file = self.out / RUN_FILES["config"]
         if self.resume:
             if not ckpt.exists():
+                if cfg_file.exists() and not (self.out / RUN_FILES["final"]).exists():
+                    # The run was killed (kill -9, OOM, node loss) before its first checkpoint:
+                    # nothing to lose, so a requeued `--resume` starts it over instead of failing
+                    # forever.  Only for the same config.
+                    self._check_same_config(cfg_file)
+                    self.log(f"--resume: {self.out} has no checkpoint yet (stopped before the first one); "
+                             "starting from the beginning")
+                    self.resume = False
+                    return
                 raise ResumeError(f"--resume: no checkpoint at {ckpt}; start a new run without --resume")
             if cfg_file.exists():
-                from ..config import load_config
-                try:
-                    old = load_config(str(cfg_file))
-                except ConfigError as exc:
-                    raise ResumeError(f"--resume: {cfg_file} is not a valid config ({exc})") from None
-                a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(self.cfg))
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_DIFFERENCES)
-                if diff:
-                    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
-                    raise ResumeError(f"--resume: {self.out} was trained with a different config ({shown}). "
-                                      "Resume with the same config, or choose a new --out directory.")
+                self._check_same_config(cfg_file)
         elif ckpt.exists() or (self.out / RUN_FILES["final"]).exists():
             raise ResumeError(f"{self.out} already holds a run; pass --resume to continue it, or choose a new "
                               "--out directory (nothing was overwritten)")
+
+    def _check_same_config(self, cfg_file: Path):
+        from ..config import load_config
+        try:
+            old = load_config(str(cfg_file))
+        except ConfigError as exc:
+            raise ResumeError(f"--resume: {cfg_file} is not a valid config ({exc})") from None
+        a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(self.cfg))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_DIFFERENCES)
+        if diff:
+            shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
+            raise ResumeError(f"--resume: {self.out} was trained with a different config ({shown}). "
+                              "Resume with the same config, or choose a new --out directory.")
 
     def _setup(self):
         cfg = self.cfg
@@ -193,7 +243,7 @@ class Trainer:
         np.random.seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
-        from ..data import build_datasets, validate_batch
+        from ..data import build_datasets
 
         if self._datasets is None:
             d = cfg.data
@@ -212,8 +262,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_ds) / cfg.data.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         # check the data against the model once, with clear messages, before hours of training
-        x0, y0, _ = next(iter(DataLoader(self.train_ds, batch_size=min(8, len(self.train_ds)))))
-        validate_batch(x0, y0, self.info.num_classes)
+        x0, y0, i0 = next(iter(DataLoader(self.train_ds, batch_size=min(8, len(self.train_ds)))))
+        _check_batch(x0, y0, i0, self.info.num_classes, "training data (first samples)")
 
         self.model = build_model_for(cfg, self.info).to(self.device)
         if cfg.train.channels_last:
@@ -255,13 +305,14 @@ class Trainer:
         self.eval_loaders()
 
     def eval_loaders(self):
-        bs = self.cfg.eval.batch_size
-        self.val_loader = DataLoader(self.val_ds, batch_size=bs) if len(self.val_ds) else None
+        bs, C = self.cfg.eval.batch_size, self.info.num_classes
+        self.val_loader = (_CheckedLoader(DataLoader(self.val_ds, batch_size=bs), C, "validation")
+                           if len(self.val_ds) else None)
         test = self.test_ds
         n = self.cfg.eval.curve_test_size
         if n is not None and n < len(test):
             test = torch.utils.data.Subset(test, list(range(n)))  # fixed subset (test is pre-shuffled)
-        self.curve_loader = DataLoader(test, batch_size=bs)
+        self.curve_loader = _CheckedLoader(DataLoader(test, batch_size=bs), C, "test")
 
     def _load_teacher(self, path: str, field: str) -> nn.Module:
         """A frozen teacher of the student's architecture: a run directory (its best weights)
@@ -281,7 +332,7 @@ class Trainer:
         else:
             try:
                 state = safe_torch_load(p)
-            except UnsafeCheckpointError as exc:
+            except (UnsafeCheckpointError, ValueError) as exc:  # unsafe, or not a torch file at all
                 raise ConfigError(field, str(exc)) from None
             if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                 state = state["model"]
@@ -313,6 +364,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise ResumeError(f"the checkpoint holds a {type(state).__name__}, not a training checkpoint")
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ResumeError(f"unsupported checkpoint format {state.get('format')!r}")
         try:
@@ -380,6 +433,8 @@ class Trainer:
 
         check_runnable(self.cfg)
         self._check_out_dir()
+        if self.out.is_dir():  # temporary files of writes cut short by a kill -9
+            remove_stale_temps(self.out, RUN_FILES.values())
         self._setup()
         self.out.mkdir(parents=True, exist_ok=True)
         self.global_step, self.start_epoch, self.start_batch = 0, 0, 0
@@ -390,6 +445,9 @@ class Trainer:
             self.load_state_dict(safe_torch_load(self.out / RUN_FILES["checkpoint"], map_location=self.device))
             self.log(f"resumed from {self.out / RUN_FILES['checkpoint']} at epoch {self.start_epoch + 1}, "
                      f"batch {self.start_batch}")
+            if self.start_batch and self.cfg.data.augment and self.cfg.data.num_workers > 0:
+                self.log("note: resumed mid-epoch with augmentation in DataLoader workers: the rest of this "
+                         "epoch is augmented differently from an uninterrupted run (not bit-exact)")
         else:
             atomic_write_text(self.out / RUN_FILES["config"], dump_config(self.cfg))
         old_handlers = {}
@@ -412,7 +470,13 @@ class Trainer:
 
         for epoch in range(self.start_epoch, cfg.train.epochs):
             skip = self.start_batch if epoch == self.start_epoch else 0
-            self.sampler.set_epoch(epoch, skip)
+            # EpochSampler.skip counts *samples*: skip the `skip` whole batches already done
+            # (passing the batch count re-did all but `skip` samples of a resumed epoch).
+            self.sampler.set_epoch(epoch, skip * cfg.data.batch_size)
+            # The loader's own generator only seeds DataLoader workers (augmentation in workers);
+            # re-seed it per epoch so an epoch's worker seeds do not depend on how many epochs
+            # this process has already iterated (a run resumed at an epoch boundary = uninterrupted).
+            self.train_loader.generator.manual_seed(cfg.train.seed * 100003 + epoch)
             if skip == 0:
                 self.epoch_acc = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
             t0 = time.time()
@@ -422,14 +486,27 @@ class Trainer:
                        disable=None if self.progress else True)  # None: off when not a terminal
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device)
+            if skip:
+                # Resumed mid-epoch: carry on the float32 running sums from where they stopped
+                # (adding the flushed partial sums as doubles rounds differently, so the history's
+                # train_loss would differ in the last bits from an uninterrupted run).
+                loss_sum += self.epoch_acc["loss"]
+                correct += self.epoch_acc["correct"]
+                self.epoch_acc["loss"] = self.epoch_acc["correct"] = 0.0
             seen = 0
             batch = skip
             for x, y, idx in bar:
                 lr = lr_at(cfg, epoch, batch, self.steps_per_epoch)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                _check_batch(x, y, idx, self.info.num_classes, f"training data (epoch {epoch + 1}, batch {batch + 1})")
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                loss, logits_adv = self.train_step(x, y, idx, epoch)
+                try:
+                    loss, logits_adv = self.train_step(x, y, idx, epoch)
+                except NonFiniteLossError as exc:
+                    self._flush_epoch_acc(loss_sum, correct, seen, t0)
+                    raise NonFiniteLossError(f"{exc}; {self._save_last_good(epoch, batch)} Lower optim.lr, "
+                                             "check the data, or set train.grad_clip.") from None
                 loss_sum += loss.detach() * y.shape[0]
                 correct += (logits_adv.detach().argmax(1) == y).sum()
                 seen += y.shape[0]
@@ -449,7 +526,28 @@ class Trainer:
                 self._interrupted(epoch + 1, 0)
         return self._finish(time.time() - t_start)
 
+    def _snapshot_step_state(self):
+        """What a step changes before its loss is known to be finite: the buffers (BatchNorm
+        statistics, updated by the attack's and the loss's forward passes) and the RNG (random
+        starts).  Copied into preallocated tensors -- a few small copies per step."""
+        if self._step_bufs is None:
+            self._step_bufs = list(self.model.buffers())
+            self._step_bufs_copy = [b.detach().clone() for b in self._step_bufs]
+        elif self._step_bufs:
+            torch._foreach_copy_(self._step_bufs_copy, self._step_bufs)
+        self._step_rng = (torch.get_rng_state(),
+                          torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None)
+
+    @torch.no_grad()
+    def _restore_step_state(self):
+        if self._step_bufs:
+            torch._foreach_copy_(self._step_bufs, self._step_bufs_copy)
+        torch.set_rng_state(self._step_rng[0])
+        if self._step_rng[1] is not None:
+            torch.cuda.set_rng_state_all(self._step_rng[1])
+
     def train_step(self, x, y, idx, epoch: int):
+        self._snapshot_step_state()
         target = self.rectifier.targets(x, y, index=idx)
         x_adv = self.objective.adversarial(self.model, x, target)
         self.model.train()
@@ -460,10 +558,11 @@ class Trainer:
         if not torch.isfinite(loss):
             if use_awp:
                 self.awp.restore()
-            path = self.save_checkpoint(epoch, self._batch_in_epoch())
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, step {self.global_step}; the "
-                f"last good state is in {path}. Lower optim.lr, check the data, or set train.grad_clip.")
+            # back to exactly the state after the previous step (no update was made); the loop
+            # checkpoints it (see _save_last_good)
+            self._restore_step_state()
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, "
+                                     f"step {self.global_step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip:
@@ -477,8 +576,26 @@ class Trainer:
         self.global_step += 1
         return loss, logits_adv
 
-    def _batch_in_epoch(self) -> int:
-        return self.global_step % self.steps_per_epoch
+    def _save_last_good(self, epoch: int, batch: int) -> str:
+        """After a non-finite loss: checkpoint the state before the failed step if every tensor in
+        it is finite; otherwise (the previous update already overflowed, or a rectifier stored
+        NaN) keep the checkpoint on disk -- never replace a good checkpoint by a diverged one."""
+        state = self.state_dict(epoch, batch)
+        bad = [name for name in ("model", "optimizer", "rectifier", "wa", "swa") if not _all_finite(state[name])]
+        path = self.out / RUN_FILES["checkpoint"]
+        if not bad:
+            atomic_torch_save(state, path)
+            return f"the last good state (before this step) is in {path}."
+        if path.exists():
+            try:
+                old = safe_torch_load(path)
+                where = f" (epoch {old['epoch']}, batch {old['batch']}, step {old['global_step']})"
+            except Exception:  # pragma: no cover - reported, not fatal
+                where = ""
+            return (f"the {' and '.join(bad)} state is no longer finite, so it was not checkpointed; the last good "
+                    f"state is the existing checkpoint {path}{where}.")
+        return (f"the {' and '.join(bad)} state is no longer finite and no earlier checkpoint exists "
+                "(training diverged before the first one), so nothing was saved.")
 
     def _flush_epoch_acc(self, loss_sum, correct, seen, t0):
         acc = self.epoch_acc
@@ -577,6 +694,7 @@ class Trainer:
 
         cfg = self.cfg
         x, y = _stack(self.test_ds, cfg.eval.autoattack_n)
+        _check_batch(x, y, None, self.info.num_classes, "test data (AutoAttack)")
         out = {}
         for which in ("best", "final"):
             model = build_model_for(cfg, self.info).to(self.device)
@@ -590,6 +708,19 @@ class Trainer:
             self.log(f"AutoAttack ({cfg.eval.autoattack_version}) on {which}: clean {res['clean_acc']:.2f}%  "
                      f"robust {res['robust_acc']:.2f}%  ({res['n']} points, {res.get('elapsed_s', 0):.0f}s)")
         return out
+
+
+def _all_finite(obj) -> bool:
+    """Every floating tensor in a (nested) state dict is finite."""
+    if torch.is_tensor(obj):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_all_finite(v) for v in obj)
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    return True
 
 
 def _stack(ds, n: Optional[int] = None):
