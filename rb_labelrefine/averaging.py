@@ -54,6 +54,7 @@ class EMA(nn.Module):
         self.decay = float(decay)
         self.warmup_steps = int(warmup_steps)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._count = 0  # host copy of num_updates: the warm-up test needs no device sync
         self._pairs = None
 
     def _refresh(self, model):
@@ -68,13 +69,14 @@ class EMA(nn.Module):
             self._refresh(model)
         ema_t, src_t, ema_i, src_i, _ = self._pairs
         self.num_updates += 1
-        if int(self.num_updates) <= self.warmup_steps:
+        self._count += 1
+        if self._count <= self.warmup_steps:
             torch._foreach_copy_(ema_t, src_t)
         else:
             # theta_t <- gamma theta_t + (1 - gamma) theta_s  ==  lerp(theta_t, theta_s, 1 - gamma)
             torch._foreach_lerp_(ema_t, src_t, 1.0 - self.decay)
-        for d, s in zip(ema_i, src_i):
-            d.copy_(s)
+        if ema_i:
+            torch._foreach_copy_(ema_i, src_i)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -85,6 +87,7 @@ class EMA(nn.Module):
     def load_state_dict(self, state, strict: bool = True):
         self.module.load_state_dict(state["module"], strict=strict)
         self.num_updates.copy_(state["num_updates"])
+        self._count = int(state["num_updates"])
         self._pairs = None
 
 
@@ -186,13 +189,16 @@ class AWP:
         self.proxy = copy.deepcopy(model)
         self._names = [n for n, p in model.named_parameters() if p.dim() > 1]
         self._diff: Optional[list] = None
+        #: optional ``grads -> grads`` applied to the proxy gradients (the trainer's distributed
+        #: runtime averages them across ranks; under fp16 AMP it drops overflowed ones)
+        self.grad_transform: Optional[Callable[[list], list]] = None
 
     @torch.no_grad()
     def _load_proxy(self, model):
-        for p_dst, p_src in zip(self.proxy.parameters(), model.parameters()):
-            p_dst.copy_(p_src)
-        for b_dst, b_src in zip(self.proxy.buffers(), model.buffers()):
-            b_dst.copy_(b_src)
+        dst = list(self.proxy.parameters()) + list(self.proxy.buffers())
+        src = list(model.parameters()) + list(model.buffers())
+        if dst:
+            torch._foreach_copy_(dst, src)  # one fused copy instead of a python loop
 
     def perturb(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
         """Compute and apply the perturbation. ``loss_fn(m)`` returns the adversarial loss of
@@ -205,6 +211,8 @@ class AWP:
         weights = [params[n] for n in self._names]
         loss = loss_fn(self.proxy)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        if self.grad_transform is not None:
+            grads = self.grad_transform(list(grads))
         src = dict(model.named_parameters())
         diffs = []
         with torch.no_grad():
@@ -218,11 +226,12 @@ class AWP:
                 v = self.gamma * w.norm() * d / (d.norm() + 1e-20)
                 diffs.append(v)
             # keep exact copies: w + v - v is not bit-exact in floating point
-            self._backup = [src[n].detach().clone() for n in self._names]
-            for name, v in zip(self._names, diffs):
-                if v is not None:
-                    src[name].add_(v)
-            self._perturbed = [src[n].detach().clone() for n in self._names]
+            ws = [src[n] for n in self._names]
+            self._backup = [w.detach().clone() for w in ws]
+            moved = [(w, v) for w, v in zip(ws, diffs) if v is not None]
+            if moved:
+                torch._foreach_add_([w for w, _ in moved], [v for _, v in moved])
+            self._perturbed = [w.detach().clone() for w in ws]
         self._diff = diffs
         self._model = model
 
@@ -234,9 +243,12 @@ class AWP:
         if self._diff is None:
             return
         src = dict(self._model.named_parameters())
-        for name, saved, pert in zip(self._names, self._backup, self._perturbed):
-            w = src[name]
-            w.copy_(saved + (w - pert))
+        ws = [src[n] for n in self._names]
+        if ws:
+            # saved + (w - pert), fused over the layers (the same float operations as per layer)
+            upd = torch._foreach_sub(ws, self._perturbed)
+            torch._foreach_add_(upd, self._backup)
+            torch._foreach_copy_(ws, upd)
         self._diff = self._backup = self._perturbed = None
 
     def state_dict(self) -> dict:

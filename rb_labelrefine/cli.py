@@ -155,8 +155,14 @@ def cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
 
     summary = run_quickstart(args.out, progress=not args.quiet, autoattack_n=args.n)
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "paths"} if isinstance(v, dict) else v
-                      for k, v in summary.items()}, indent=2))
+    print(f"{'method':8s} {'clean':>8s} {'AutoAttack':>11s} {'points':>7s} {'best epoch':>11s}")
+    for m, r in summary["methods"].items():
+        print(f"{m:8s} {r['clean_acc']:7.2f}% {r['autoattack_acc']:10.2f}% {r['autoattack_n']:7d} {r['best_epoch']:11d}")
+    export = summary["methods"]["adr"]["paths"]["export"]
+    print(f"summary      {Path(args.out) / 'summary.json'}")
+    print(f"curves       {summary['curves']}")
+    print(f"export       {Path(export['model_card']).parent}  (model card: {export['model_card']})")
+    print(f"took {summary['total_seconds']:.0f}s on {summary['machine']}")
     return EXIT_OK
 
 
@@ -256,6 +262,11 @@ def main(argv=None) -> int:
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        # a second signal during training (or Ctrl-C outside it): stop now; files written so
+        # far are complete (atomic writes), the last checkpoint is resumable
+        _err("interrupted")
+        return 130
     except NonFiniteLossError as exc:
         _err(str(exc))
         return EXIT_FAILED

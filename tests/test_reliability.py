@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,16 +48,16 @@ from rb_labelrefine.training.trainer import NonFiniteLossError, ResumeError, Tra
 REPO = Path(__file__).resolve().parents[1]
 FIGURES: dict = {"messages": {}}
 
-# The config of the kill/signal tests: ADR + WA (EMA evaluated) + AWP on a BatchNorm CNN, 12 steps
-# per epoch, 4 epochs, lr decays at 50% / 75% -- every piece of state a resume has to restore.
+# The config of the kill/signal tests: ADR + WA (EMA evaluated) + AWP on a BatchNorm CNN, 8 steps
+# per epoch, 3 epochs, an lr decay -- every piece of state a resume has to restore.
 PRESET = "digits-adr-wa"
-SETS = ["model.arch=tiny_cnn", "data.train_subset=384", "data.batch_size=32", "attack.steps=2", "awp.enabled=true",
-        "train.epochs=4", "train.deterministic=true", "train.threads=1", "eval.val_attack_steps=2",
+SETS = ["model.arch=tiny_cnn", "data.train_subset=256", "data.batch_size=32", "attack.steps=2", "awp.enabled=true",
+        "train.epochs=3", "train.device=cpu", "train.deterministic=true", "train.threads=1",
+        "eval.val_attack_steps=2", "eval.test_attack_steps=2", "eval.curve_test_size=64"]
+# Smaller still, for the per-method in-process runs and the bad-input tests (6 steps per epoch).
+TINY = ["model.arch=mlp", "data.train_subset=192", "data.batch_size=32", "attack.steps=2", "train.epochs=2",
+        "train.device=cpu", "train.deterministic=true", "train.threads=1", "eval.val_attack_steps=1",
         "eval.test_attack_steps=2", "eval.curve_test_size=64"]
-# Smaller still, for the per-method in-process runs and the bad-input tests.
-TINY = ["model.arch=mlp", "data.train_subset=192", "data.batch_size=32", "attack.steps=2", "train.epochs=3",
-        "train.deterministic=true", "train.threads=1", "eval.val_attack_steps=1", "eval.test_attack_steps=2",
-        "eval.curve_test_size=64"]
 
 
 def _argv(out, preset=PRESET, sets=SETS, resume=False):
@@ -125,17 +126,30 @@ for line in sys.stdin:
 class ForkServer:
     """Starts CLI runs as real processes (fork of an interpreter that has imported everything)."""
 
-    def __init__(self):
+    def __init__(self, prestart=None):
+        """``prestart=(argv, log)``: queued at once, run as soon as the server has imported."""
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, cwd=str(REPO))
         self.ready = False
         self.live = set()
+        self.prestart_pid = None
+        self._prestart = prestart is not None
+        if prestart is not None:
+            self.proc.stdin.write(json.dumps({"op": "run", "argv": [str(a) for a in prestart[0]],
+                                              "log": str(prestart[1])}) + "\n")
+            self.proc.stdin.flush()
 
-    def _rpc(self, req):
+    def ensure_ready(self):
         if not self.ready:
             line = self.proc.stdout.readline()
             assert line.strip() == "READY", f"fork server failed to start: {line!r}"
             self.ready = True
+            if self._prestart:
+                self.prestart_pid = json.loads(self.proc.stdout.readline())["pid"]
+                self.live.add(self.prestart_pid)
+
+    def _rpc(self, req):
+        self.ensure_ready()
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -175,20 +189,71 @@ class ForkServer:
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 self._rpc({"op": "poll", "pid": pid, "block": True})
-        with contextlib.suppress(Exception):
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.proc.kill()  # nothing to flush: skip the interpreter's (slow, torch-laden) shutdown
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(Exception):
+                f.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def forkserver():
-    """Started first (autouse) so its imports overlap with the in-process tests."""
-    server = ForkServer()
+def forkserver(tmp_path_factory):
+    """Started first (autouse) so its imports overlap with the in-process tests; its first child
+    is the uninterrupted reference run (see ``reference``)."""
+    ref = tmp_path_factory.mktemp("ref")
+    server = ForkServer(prestart=(_argv(ref / "run"), ref / "run.log"))
+    server.ref_dir = ref / "run"
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def python_m_sigterm(tmp_path_factory):
+    """``python -m rb_labelrefine train`` started at once in the background (its ~10 s of imports
+    overlap with the other tests); a thread sends SIGTERM early in epoch 2.  Checked by
+    test_sigterm_to_python_m_training_exits_3_and_resumes_bit_exact."""
+    d = tmp_path_factory.mktemp("python_m")
+    run, err = d / "run", d / "stderr.txt"
+    state = {"run": run, "err": err}
+    t0 = time.time()
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "rb_labelrefine", *_argv(run)], stdout=subprocess.DEVNULL,
+                                stderr=f, cwd=str(d))
+    state["proc"] = proc
+
+    def until(cond, timeout=300.0):
+        end = time.time() + timeout
+        while time.time() < end and proc.poll() is None:
+            if cond():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def watch():
+        if until(lambda: (run / "config.yaml").exists()):
+            state["start_to_config_s"] = round(time.time() - t0, 2)
+        if until(lambda: _history_len(run) >= 1):
+            time.sleep(random.Random(7).uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGTERM)
+            state["signal_sent_after_s"] = round(time.time() - t0, 2)
+
+    state["thread"] = threading.Thread(target=watch, daemon=True)
+    state["thread"].start()
+    yield state
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_plots():
+    """Curves are drawn at every interruption and at the end (~0.3 s each) and change no result:
+    not in this process (the CLI children still draw them)."""
+    import rb_labelrefine.plots as plots
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plots, "plot_curves", lambda *a, **k: None)
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -207,6 +272,13 @@ def _torch_globals():
 
 def _hash_dir(d: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+def _read(path: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def _temps(d: Path) -> list:
@@ -283,120 +355,6 @@ def _ckpt_pos(run: Path):
     return _checkpoint_ok(p) if p.exists() else None
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run every interrupted one must reproduce (in-process)."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    t0 = time.time()
-    Trainer(load_config(PRESET, SETS), out, progress=False).fit()
-    FIGURES["reference_run_s_in_process"] = round(time.time() - t0, 2)
-    FIGURES["checkpoint_bytes"] = (out / RUN_FILES["checkpoint"]).stat().st_size
-    FIGURES["weights_bytes"] = (out / RUN_FILES["final"]).stat().st_size
-    return out
-
-
-# ----------------------------------------------------------------------------- 1. kill -9
-
-def _phase(run: Path, epochs: int) -> str:
-    temps = _temps(run)
-    if temps:
-        names = sorted({t[1:].split(".")[0] + "." + t[1:].split(".")[1] for t in temps})
-        return "during the write of " + ", ".join(names) + " (before its rename)"
-    pos = _ckpt_pos(run)
-    hist = len(json.loads((run / RUN_FILES["history"]).read_text())) if (run / RUN_FILES["history"]).exists() else 0
-    if pos is None:
-        return "before the first checkpoint (setup or epoch 1)"
-    if hist > pos[0]:
-        return f"end of epoch {hist}: best/history written, checkpoint not yet"
-    if pos[0] == epochs:
-        return "after the last checkpoint (final weights / summary)"
-    return f"epoch {pos[0] + 1}: training or evaluation"
-
-
-def test_kill9_at_seeded_moments_then_resume_is_bit_exact(forkserver, reference, tmp_path):
-    rng = random.Random(20240607)
-    run = tmp_path / "run"
-    epochs = load_config(PRESET, SETS).train.epochs
-    slow = {"names": ["best.safetensors", "history.json", "checkpoint.pt", "final.safetensors"], "delay": 0.3}
-    plan = [("delay", rng.uniform(0.05, 0.6)),                       # from the start: setup / epoch 1
-            ("temp", ["best.safetensors", "history.json"]),           # end of an epoch, before its checkpoint
-            ("after_checkpoint", rng.uniform(0.0, 0.6)),              # somewhere in the next epoch
-            ("temp", ["checkpoint.pt"]),                              # mid checkpoint write
-            ("after_checkpoint", rng.uniform(0.0, 0.6)),
-            ("temp", ["final.safetensors"])]                          # after the last checkpoint
-    kills, resume_s, loads, seen = [], [], 0, set()
-    for kind, arg in plan:
-        log = tmp_path / f"kill{len(kills)}.log"
-        start_pos = _ckpt_pos(run) if run.exists() else None
-        pid = forkserver.start(_argv(run, resume=(run / "config.yaml").exists()), log,
-                               slow=slow if kind == "temp" else None)
-        t0, t_ckpt, resumed_at, rc = time.time(), None, None, None
-        while True:
-            rc = forkserver.poll(pid)
-            if rc is not None:
-                break
-            now = time.time()
-            ck = run / RUN_FILES["checkpoint"]
-            if ck.exists():  # every version of the checkpoint that ever appears must load
-                st = ck.stat()
-                if (st.st_ino, st.st_mtime_ns) not in seen:
-                    seen.add((st.st_ino, st.st_mtime_ns))
-                    pos = _checkpoint_ok(ck)
-                    loads += 1
-                    if t_ckpt is None and pos != start_pos:
-                        t_ckpt = now
-            if resumed_at is None and "resumed from" in log.read_text():
-                resumed_at = now - t0
-            if ((kind == "delay" and now - t0 >= arg)
-                    or (kind == "temp" and any(run.glob(f".{n}.*.tmp") for n in arg))
-                    or (kind == "after_checkpoint" and t_ckpt is not None and now - t_ckpt >= arg)):
-                os.kill(pid, signal.SIGKILL)
-                rc = forkserver.wait(pid)
-                break
-            time.sleep(0.005)
-        if resumed_at is not None:
-            resume_s.append(round(resumed_at, 3))
-        if rc != -signal.SIGKILL:  # the run finished before this moment came
-            assert rc == 0, log.read_text()
-            kills.append({"target": f"{kind} {arg}", "landed": False})
-            break
-        phase = _phase(run, epochs)
-        pos = _ckpt_pos(run) if run.exists() else None  # never corrupt after a kill
-        kills.append({"target": f"{kind} {arg}", "landed": True, "after_s": round(time.time() - t0, 2),
-                      "phase": phase, "checkpoint_at": pos, "temps_left": _temps(run) if run.exists() else []})
-    else:
-        rc = None
-    if rc != 0:  # resume until done
-        log = tmp_path / "final.log"
-        t0 = time.time()
-        rc, dt, text = forkserver.run(_argv(run, resume=True), log)
-        assert rc == 0, text
-        FIGURES["final_resume_to_done_s"] = round(dt, 2)
-        m = [ln for ln in text.splitlines() if "resumed from" in ln]
-        assert m, text
-    landed = [k for k in kills if k["landed"]]
-    FIGURES["kill9"] = {"points": kills, "landed": len(landed), "distinct_phases": sorted({k["phase"] for k in landed}),
-                        "checkpoint_versions_loaded_while_running": loads,
-                        "resume_start_to_training_s": resume_s}
-    assert len(landed) >= 5, kills
-    assert len({k["phase"] for k in landed}) >= 4, kills
-    assert any("checkpoint.pt" in k["phase"] for k in landed), kills
-    assert _temps(run) == [], "temporary files of killed writes were not cleaned up"
-    _assert_same_run(run, reference)
-    FIGURES["kill9"]["bit_exact"] = True
-
-
-# ----------------------------------------------------------------------------- 2. SIGTERM / SIGINT
-
-def _wait_for(cond, timeout=180.0, what=""):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return
-        time.sleep(0.01)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def _history_len(run):
     try:
         return len(json.loads((run / RUN_FILES["history"]).read_text()))
@@ -404,103 +362,25 @@ def _history_len(run):
         return 0
 
 
-def _resume_command(message: str, run: Path) -> list:
-    line = [ln for ln in message.splitlines() if "Resume with: rb-labelrefine " in ln][-1]
-    argv = shlex.split(line.split("Resume with: rb-labelrefine ", 1)[1])
-    assert argv == ["train", "--config", str(run / "config.yaml"), "--out", str(run), "--resume"]
-    return argv
+@pytest.fixture(scope="module")
+def reference(forkserver):
+    """The uninterrupted run every interrupted one must reproduce (the fork server's first child)."""
+    forkserver.ensure_ready()
+    out = forkserver.ref_dir
+    rc = forkserver.wait(forkserver.prestart_pid)
+    assert rc == 0, _read(out.parent / "run.log")
+    FIGURES["reference_train_seconds"] = json.loads((out / RUN_FILES["summary"]).read_text())["train_seconds"]
+    FIGURES["checkpoint_bytes"] = (out / RUN_FILES["checkpoint"]).stat().st_size
+    FIGURES["weights_bytes"] = (out / RUN_FILES["final"]).stat().st_size
+    return out
 
 
-def test_sigterm_to_python_m_training_exits_3_and_resumes_bit_exact(forkserver, reference, tmp_path):
-    """The real entry point: ``python -m rb_labelrefine train``, SIGTERM in epoch 2."""
-    run, err = tmp_path / "run", tmp_path / "stderr.txt"
-    t0 = time.time()
-    with open(err, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "rb_labelrefine", *_argv(run)], stdout=subprocess.DEVNULL,
-                                stderr=f, cwd=str(tmp_path))
-    try:
-        _wait_for(lambda: (run / "config.yaml").exists() or proc.poll() is not None, what="config.yaml")
-        FIGURES["python_m_start_to_config_s"] = round(time.time() - t0, 2)
-        _wait_for(lambda: _history_len(run) >= 1 or proc.poll() is not None, what="epoch 1")
-        time.sleep(random.Random(7).uniform(0.0, 0.3))
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = err.read_text()
-    assert rc == 3, text
-    assert "received SIGTERM: finishing the current step, then checkpointing" in text
-    assert "stopped by SIGTERM at epoch" in text
-    pos = _checkpoint_ok(run / RUN_FILES["checkpoint"])
-    FIGURES["sigterm"] = {"exit_code": rc, "checkpoint_at": pos,
-                          "message": [ln for ln in text.splitlines() if "stopped by" in ln][-1]}
-    rc, dt, log = forkserver.run(_resume_command(text, run), tmp_path / "resume.log")
-    assert rc == 0, log
-    FIGURES["sigterm"]["resume_to_done_s"] = round(dt, 2)
-    _assert_same_run(run, reference)
-
-
-@pytest.mark.parametrize("sig, twice", [(signal.SIGINT, False), (signal.SIGTERM, True)])
-def test_signal_to_training_process_then_resume_is_bit_exact(forkserver, reference, tmp_path, sig, twice):
-    """SIGINT (Ctrl-C) behaves like SIGTERM.  A second signal stops at once (no new checkpoint):
-    whatever it interrupts, the checkpoint on disk still loads and resuming is still exact."""
-    run, log = tmp_path / "run", tmp_path / "run.log"
-    pid = forkserver.start(_argv(run), log)
-    _wait_for(lambda: _history_len(run) >= 1 or forkserver.poll(pid) is not None, what="epoch 1")
-    time.sleep(random.Random(int(sig) + twice).uniform(0.0, 0.3))
-    os.kill(pid, sig)
-    if twice:
-        time.sleep(0.002)
-        os.kill(pid, sig)
-    rc = forkserver.wait(pid)
-    text = log.read_text()
-    name = signal.Signals(sig).name
-    if twice:
-        assert rc != 0, text
-    else:
-        assert rc == 3, text
-        assert f"stopped by {name}" in text and "Resume with: rb-labelrefine train" in text
-    pos = _checkpoint_ok(run / RUN_FILES["checkpoint"])
-    assert _temps(run) == []  # even the second signal, mid-write, leaves no temporary behind
-    FIGURES.setdefault("signals", []).append({"signal": name, "twice": twice, "exit_code": rc, "checkpoint_at": pos})
-    rc, _, text = forkserver.run(_argv(run, resume=True), tmp_path / "resume.log")
-    assert rc == 0, text
-    _assert_same_run(run, reference)
-
-
-# ----------------------------------------------------------------------------- mid-epoch, every method
-
-@pytest.fixture
-def stop_after_steps(monkeypatch):
-    """``stop_after_steps([5, 9])``: SIGTERM this process right after those global steps."""
-    pending = []
-    orig = Trainer.train_step
-
-    def train_step(self, *a, **k):
-        out = orig(self, *a, **k)
-        if pending and self.global_step == pending[0]:
-            pending.pop(0)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-
-    def arm(steps):
-        pending[:] = sorted(steps)
-    return arm
-
-
-def _fit_until_done(cfg, out, datasets=None) -> list:
-    """fit(); on TrainingInterrupted resume, until done.  Returns the (epoch, batch) of each stop."""
-    stops, resume = [], False
-    while True:
-        try:
-            Trainer(cfg, out, resume=resume, progress=False, datasets=datasets).fit()
-            return stops
-        except TrainingInterrupted:
-            stops.append(_checkpoint_ok(out / RUN_FILES["checkpoint"]))
-            resume = True
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """A finished tiny run (mlp on digits, in-process); tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("good") / "run"
+    Trainer(load_config("digits-pgdat", TINY), out, progress=False).fit()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -516,130 +396,7 @@ def teacher_pt(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("preset, extra", [
-    ("digits-pgdat", ["data.augment=true"]),                         # augmentation draws from the global RNG
-    ("digits-sglr", []),                                             # per-sample label memory
-    ("digits-trades-adr", ["awp.enabled=true"]),                     # ADR's own EMA teacher, TRADES, AWP
-    ("digits-kd-swa", ["model.arch=tiny_cnn", "swa.start_epoch=1"]),  # teachers, SWA + BatchNorm update
-    ("digits-ltd", []),                                              # natural teacher, TRADES
-])
-def test_mid_epoch_interruptions_resume_bit_exact_for_every_method(tmp_path, stop_after_steps, teacher_pt, preset,
-                                                                   extra):
-    arch = next((e.split("=")[1] for e in extra if e.startswith("model.arch=")), "mlp")
-    teach = {"digits-kd-swa": [f"method.robust_teacher={teacher_pt[arch]}", f"method.standard_teacher={teacher_pt[arch]}"],
-             "digits-ltd": [f"method.teacher={teacher_pt[arch]}"]}.get(preset, [])
-    cfg = load_config(preset, TINY + extra + teach)
-    Trainer(cfg, tmp_path / "ref", progress=False).fit()
-    steps_per_epoch, total = 6, 6 * cfg.train.epochs
-    rng = random.Random(preset)
-    fixed = steps_per_epoch * 2 - 1  # mid-epoch 2 (the 5th of 6 batches), besides two seeded points
-    stops = sorted(rng.sample([s for s in range(1, total) if s != fixed], 2) + [fixed])
-    stop_after_steps(stops)
-    where = _fit_until_done(cfg, tmp_path / "run")
-    assert len(where) == 3 and any(batch > 0 for _, batch in where), where
-    _assert_same_run(tmp_path / "run", tmp_path / "ref")
-
-
-# ----------------------------------------------------------------------------- 3. pickled payloads
-
-class _Payload:
-    """Unpickling this object creates ``marker`` (pickling it does not)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('payload ran')",))
-
-
-@pytest.fixture(scope="module")
-def good_run(tmp_path_factory):
-    """A finished tiny run (mlp on digits); tests copy it before touching it."""
-    out = tmp_path_factory.mktemp("good") / "run"
-    Trainer(load_config("digits-pgdat", TINY), out, progress=False).fit()
-    return out
-
-
-@pytest.fixture
-def evil(tmp_path, good_run):
-    marker = tmp_path / "PAYLOAD_RAN"
-    d = tmp_path / "evil"
-    d.mkdir()
-    files = {"plain.pt": d / "plain.pt", "zip.pt": d / "zip.pt", "fake.safetensors": d / "fake.safetensors"}
-    with open(files["plain.pt"], "wb") as f:                   # a bare pickle (torch's legacy format path)
-        pickle.dump({"model": _Payload(marker)}, f, protocol=2)
-    torch.save({"format": 1, "model": {"w": torch.zeros(1)}, "x": _Payload(marker)}, files["zip.pt"])  # torch zip
-    files["fake.safetensors"].write_bytes(files["plain.pt"].read_bytes())
-    run = tmp_path / "evil_run"                                 # a real run directory, every file swapped
-    shutil.copytree(good_run, run)
-    for name in ("checkpoint", "best", "final"):
-        (run / RUN_FILES[name]).write_bytes(files["zip.pt"].read_bytes())
-    assert not marker.exists()
-    return {"marker": marker, "run": run, **files}
-
-
-def _main(capsys, argv) -> tuple:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.err
-
-
-def test_library_loaders_refuse_pickled_payloads(evil):
-    for name in ("plain.pt", "zip.pt"):
-        with pytest.raises(UnsafeCheckpointError, match="refusing to load .* arbitrary code"):
-            safe_torch_load(evil[name])
-    for name in ("plain.pt", "zip.pt", "fake.safetensors"):
-        with pytest.raises(ValueError, match="is not a valid safetensors file"):
-            read_weights(evil[name])
-    with pytest.raises(ValueError, match="is not a valid safetensors file"):
-        load_run_model(evil["run"], "best")
-    assert not evil["marker"].exists()
-
-
-def test_cli_resume_from_a_pickled_checkpoint_is_refused_exit_2(forkserver, evil, tmp_path):
-    before = _hash_dir(evil["run"])
-    rc, _, text = forkserver.run(["train", "--config", evil["run"] / "config.yaml", "--out", evil["run"], "--resume"],
-                                 tmp_path / "resume.log")
-    assert rc == 2, text
-    assert "rb-labelrefine: error: refusing to load" in text and "checkpoint.pt" in text
-    FIGURES["messages"]["pickled --resume checkpoint"] = text.strip().splitlines()[-1]
-    assert not evil["marker"].exists()
-    assert _hash_dir(evil["run"]) == before
-
-
-@pytest.mark.parametrize("preset, field", [("digits-ltd", "method.teacher"), ("digits-kd-swa", "method.robust_teacher"),
-                                           ("digits-kd-swa", "method.standard_teacher")])
-@pytest.mark.parametrize("file", ["plain.pt", "zip.pt", "fake.safetensors", "run"])
-def test_cli_pickled_teacher_is_refused_exit_2(capsys, evil, tmp_path, preset, field, file):
-    out = tmp_path / "out"
-    rc, err = _main(capsys, _argv(out, preset, TINY + [f"{field}={evil[file]}"]))
-    assert rc == 2, err
-    assert f"config field '{field}'" in err
-    assert ("refusing to load" in err) if file.endswith(".pt") else ("is not a valid safetensors file" in err)
-    FIGURES["messages"][f"pickled teacher ({file})"] = err.strip()
-    assert not evil["marker"].exists()
-    assert not out.exists() or not any(out.iterdir())
-
-
-def test_export_loaders_refuse_pickled_payloads(capsys, evil, tmp_path):
-    export = pytest.importorskip("rb_labelrefine.export")
-    for fn, arg in ((getattr(export, "read_pt_state_dict", None), evil["zip.pt"]),
-                    (getattr(export, "read_pt_state_dict", None), evil["plain.pt"]),
-                    (getattr(export, "load_exported", None), evil["fake.safetensors"])):
-        if fn is not None:
-            with pytest.raises(ValueError):
-                fn(arg)
-    with pytest.raises(ValueError):
-        export.export_run(evil["run"], tmp_path / "export")
-    rc, err = _main(capsys, ["export", "--checkpoint", evil["run"], "--out", tmp_path / "export2"])
-    assert rc == 2 and "is not a valid safetensors file" in err, err
-    rc, err = _main(capsys, ["eval", "--checkpoint", evil["run"], "--n", "8"])
-    assert rc == 2 and "is not a valid safetensors file" in err, err
-    assert not evil["marker"].exists()
-
-
-# ----------------------------------------------------------------------------- 4. bad input
+# ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("config, sets, field, text", [
     ("digits-pgdat", ["attack.eps=-0.1"], "attack.eps", "must be > 0, got -0.1"),
@@ -666,7 +423,7 @@ def test_bad_config_exits_2_naming_the_field_and_touches_nothing(capsys, good_ru
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
-    """A run on an in-memory data set, stopped with a checkpoint after epoch 1 of 3."""
+    """A run on an in-memory data set, stopped with a checkpoint after epoch 1 of 2."""
     tr, te, info = load_synthetic(n_train=160, n_test=64, num_classes=4, channels=1, image_size=8)
     cfg = load_config("digits-pgdat", TINY + ["data.name=synthetic"])
     out = tmp_path_factory.mktemp("syn") / "run"
@@ -720,9 +477,11 @@ def _corrupt(case, tr, te, info):
 
 @pytest.mark.parametrize("case, text", [
     ("label >= num_classes deep in the data",
-     r"training data \(epoch 2, batch \d+\): labels must be in \[0, 4\), got values in \[0, 4\] \(dataset indices \[100\]\)"),
+     r"training data \(epoch 2, batch \d+\): labels must be in \[0, 4\), got values in \[0, 4\] "
+     r"\(dataset indices \[100\]\)"),
     ("negative label in the first batch",
-     r"training data \(first samples\): labels must be in \[0, 4\), got values in \[-1, \d\] \(dataset indices \[0\]\)"),
+     r"training data \(first samples\): labels must be in \[0, 4\), got values in \[-1, \d\] "
+     r"\(dataset indices \[0\]\)"),
     ("NaN pixel", r"training data \(epoch 2, batch \d+\): inputs contain NaN \(1 values\) \(dataset indices \[90\]\)"),
     ("Inf pixel", r"training data \(epoch 2, batch \d+\): inputs contain Inf \(1 values\) \(dataset indices \[20\]\)"),
     ("0-255 pixels", r"training data \(epoch 2, batch \d+\): inputs must be pixels in \[0, 1\], got values in .*"
@@ -765,7 +524,9 @@ def test_teacher_of_another_architecture_names_the_field(capsys, tmp_path, teach
     for name, teacher in cases.items():
         rc, err = _main(capsys, _argv(tmp_path / "out", "digits-ltd", TINY + [f"method.teacher={teacher}"]))
         assert rc == 2, err
-        assert "config field 'method.teacher': teacher" in err and "does not match the student's architecture mlp" in err
+        assert "config field 'method.teacher': teacher" in err
+        assert "does not match the student's architecture mlp" in err
+        assert "size mismatch for" in err or "Missing key(s) in state_dict" in err, err
         FIGURES["messages"][f"teacher {name}"] = err.strip()
     # a tiny_cnn run directory as the robust teacher of an mlp student
     rc, err = _main(capsys, _argv(tmp_path / "out", "digits-kd-swa", TINY + ["model.arch=tiny_cnn",
@@ -831,9 +592,11 @@ def test_non_finite_loss_exits_1_with_a_loadable_last_good_checkpoint(capsys, tm
     assert rc2 == 1 and err2.splitlines()[-1] == err.splitlines()[-1], (err, err2)
 
 
-def test_a_diverged_state_never_replaces_a_good_checkpoint(tmp_path, monkeypatch, synthetic_run):
-    """Weights that overflowed in an update (the loss was still finite) are not checkpointed: the
-    good checkpoint of epoch 1 stays, and the message points to it."""
+@pytest.mark.parametrize("then", ["next step", "SIGTERM checkpoint"])
+def test_a_diverged_state_never_replaces_a_good_checkpoint(tmp_path, monkeypatch, synthetic_run, then):
+    """Weights that overflowed in an update while the loss was still finite are never
+    checkpointed -- neither when the next loss turns NaN nor by a signal's checkpoint: the good
+    checkpoint of epoch 1 stays, and the message points to it (exit code 1 in the CLI)."""
     cfg, src, (tr, te, info) = synthetic_run
     run = tmp_path / "run"
     shutil.copytree(src, run)
@@ -845,13 +608,17 @@ def test_a_diverged_state_never_replaces_a_good_checkpoint(tmp_path, monkeypatch
         if self.global_step == 6:  # second step of epoch 2
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("inf"))
+            if then == "SIGTERM checkpoint":
+                os.kill(os.getpid(), signal.SIGTERM)
         return out
     monkeypatch.setattr(Trainer, "train_step", overflow)
-    with pytest.raises(NonFiniteLossError, match=r"the model( and \w+)* state is no longer finite, so it was "
+    prefix = (r"non-finite training loss \(nan\) at epoch 2, step 7; " if then == "next step"
+              else r"at epoch 2, step 6: ")
+    with pytest.raises(NonFiniteLossError, match=prefix + r"the model( and \w+)* state is no longer finite, so it was "
                                                  r"not checkpointed; the last good state is the existing checkpoint "
                                                  r".*checkpoint.pt \(epoch 1, batch 0, step 4\)") as exc:
         Trainer(cfg, run, resume=True, progress=False, datasets=_splits(tr.x, tr.y, te.x, te.y, info)).fit()
-    FIGURES["messages"]["diverged weights"] = str(exc.value)
+    FIGURES["messages"][f"diverged weights ({then})"] = str(exc.value)
     assert _hash_dir(run) == before
 
 
@@ -890,3 +657,318 @@ def test_atomic_writes_keep_the_old_file_and_leave_no_temporary(tmp_path, monkey
     (tmp_path / ".unrelated.tmp").write_bytes(b"")
     assert [p.name for p in rio.remove_stale_temps(tmp_path, RUN_FILES.values())] == [".checkpoint.pt.x1.tmp"]
     assert (tmp_path / ".unrelated.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- pickled payloads
+
+class _Payload:
+    """Unpickling this object creates ``marker`` (pickling it does not)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('payload ran')",))
+
+
+@pytest.fixture
+def evil(tmp_path, good_run):
+    marker = tmp_path / "PAYLOAD_RAN"
+    d = tmp_path / "evil"
+    d.mkdir()
+    files = {"plain.pt": d / "plain.pt", "zip.pt": d / "zip.pt", "fake.safetensors": d / "fake.safetensors"}
+    with open(files["plain.pt"], "wb") as f:                   # a bare pickle (torch's legacy format path)
+        pickle.dump({"model": _Payload(marker)}, f, protocol=2)
+    torch.save({"format": 1, "model": {"w": torch.zeros(1)}, "x": _Payload(marker)}, files["zip.pt"])  # torch zip
+    files["fake.safetensors"].write_bytes(files["plain.pt"].read_bytes())
+    run = tmp_path / "evil_run"                                 # a real run directory, every file swapped
+    shutil.copytree(good_run, run)
+    for name in ("checkpoint", "best", "final"):
+        (run / RUN_FILES[name]).write_bytes(files["zip.pt"].read_bytes())
+    assert not marker.exists()
+    return {"marker": marker, "run": run, **files}
+
+
+def _main(capsys, argv) -> tuple:
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.err
+
+
+def test_library_loaders_refuse_pickled_payloads(evil):
+    for name in ("plain.pt", "zip.pt"):
+        with pytest.raises(UnsafeCheckpointError, match=r"refusing to load .* arbitrary code \(weights-only load "
+                                                        r"said: Unsupported global: GLOBAL exec was not an allowed"):
+            safe_torch_load(evil[name])
+    for name in ("plain.pt", "zip.pt", "fake.safetensors"):
+        with pytest.raises(ValueError, match="is not a valid safetensors file"):
+            read_weights(evil[name])
+    with pytest.raises(ValueError, match="is not a valid safetensors file"):
+        load_run_model(evil["run"], "best")
+    assert not evil["marker"].exists()
+
+
+@pytest.mark.parametrize("preset, field", [("digits-ltd", "method.teacher"), ("digits-kd-swa", "method.robust_teacher"),
+                                           ("digits-kd-swa", "method.standard_teacher")])
+@pytest.mark.parametrize("file", ["plain.pt", "zip.pt", "fake.safetensors", "run"])
+def test_cli_pickled_teacher_is_refused_exit_2(capsys, evil, tmp_path, preset, field, file):
+    out = tmp_path / "out"
+    rc, err = _main(capsys, _argv(out, preset, TINY + [f"{field}={evil[file]}"]))
+    assert rc == 2, err
+    assert f"config field '{field}'" in err
+    assert ("refusing to load" in err) if file.endswith(".pt") else ("is not a valid safetensors file" in err)
+    FIGURES["messages"][f"pickled teacher ({file})"] = err.strip()
+    assert not evil["marker"].exists()
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_export_loaders_refuse_pickled_payloads(capsys, evil, tmp_path):
+    export = pytest.importorskip("rb_labelrefine.export")
+    for fn, arg in ((getattr(export, "read_pt_state_dict", None), evil["zip.pt"]),
+                    (getattr(export, "read_pt_state_dict", None), evil["plain.pt"]),
+                    (getattr(export, "load_exported", None), evil["fake.safetensors"])):
+        if fn is not None:
+            with pytest.raises(ValueError):
+                fn(arg)
+    with pytest.raises(ValueError):
+        export.export_run(evil["run"], tmp_path / "export")
+    rc, err = _main(capsys, ["export", "--checkpoint", evil["run"], "--out", tmp_path / "export2"])
+    assert rc == 2 and "is not a valid safetensors file" in err, err
+    rc, err = _main(capsys, ["eval", "--checkpoint", evil["run"], "--n", "8"])
+    assert rc == 2 and "is not a valid safetensors file" in err, err
+    assert not evil["marker"].exists()
+
+
+# ----------------------------------------------------------------------------- mid-epoch, every method
+
+@pytest.fixture
+def stop_after_steps(monkeypatch):
+    """``stop_after_steps([5, 9])``: SIGTERM this process right after those global steps."""
+    pending = []
+    orig = Trainer.train_step
+
+    def train_step(self, *a, **k):
+        out = orig(self, *a, **k)
+        if pending and self.global_step == pending[0]:
+            pending.pop(0)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+    def arm(steps):
+        pending[:] = sorted(steps)
+    return arm
+
+
+def _fit_until_done(cfg, out, datasets=None) -> list:
+    """fit(); on TrainingInterrupted resume, until done.  Returns the (epoch, batch) of each stop."""
+    stops, resume = [], False
+    while True:
+        try:
+            Trainer(cfg, out, resume=resume, progress=False, datasets=datasets).fit()
+            return stops
+        except TrainingInterrupted:
+            stops.append(_checkpoint_ok(out / RUN_FILES["checkpoint"]))
+            resume = True
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("digits-pgdat", ["data.augment=true"]),                         # augmentation draws from the global RNG
+    ("digits-sglr", []),                                             # per-sample label memory
+    ("digits-trades-adr", ["awp.enabled=true"]),                     # ADR's own EMA teacher, TRADES, AWP
+    ("digits-kd-swa", ["model.arch=tiny_cnn", "swa.start_epoch=1"]),  # teachers, SWA + BatchNorm update
+    ("digits-ltd", []),                                              # natural teacher, TRADES
+])
+def test_mid_epoch_interruptions_resume_bit_exact_for_every_method(tmp_path, stop_after_steps, teacher_pt, preset,
+                                                                   extra):
+    arch = next((e.split("=")[1] for e in extra if e.startswith("model.arch=")), "mlp")
+    teach = {"digits-kd-swa": [f"method.robust_teacher={teacher_pt[arch]}",
+                               f"method.standard_teacher={teacher_pt[arch]}"],
+             "digits-ltd": [f"method.teacher={teacher_pt[arch]}"]}.get(preset, [])
+    cfg = load_config(preset, TINY + extra + teach)
+    Trainer(cfg, tmp_path / "ref", progress=False).fit()
+    steps_per_epoch, total = 6, 6 * cfg.train.epochs
+    rng = random.Random(preset)
+    fixed = steps_per_epoch * 2 - 1  # mid-epoch 2 (the 5th of 6 batches), besides two seeded points
+    stops = sorted(rng.sample([s for s in range(1, total) if s != fixed], 2) + [fixed])
+    stop_after_steps(stops)
+    where = _fit_until_done(cfg, tmp_path / "run")
+    assert len(where) == 3 and any(batch > 0 for _, batch in where), where
+    _assert_same_run(tmp_path / "run", tmp_path / "ref")
+
+
+# ----------------------------------------------------------------------------- kill -9 (real processes)
+
+def _phase(run: Path, epochs: int) -> str:
+    temps = _temps(run)
+    if temps:
+        names = sorted({t[1:].split(".")[0] + "." + t[1:].split(".")[1] for t in temps})
+        return "during the write of " + ", ".join(names) + " (before its rename)"
+    pos = _ckpt_pos(run)
+    hist = len(json.loads((run / RUN_FILES["history"]).read_text())) if (run / RUN_FILES["history"]).exists() else 0
+    if pos is None:
+        return "before the first checkpoint (setup or epoch 1)"
+    if hist > pos[0]:
+        return f"end of epoch {hist}: best/history written, checkpoint not yet"
+    if pos[0] == epochs:
+        return "after the last checkpoint (final weights / summary)"
+    return f"epoch {pos[0] + 1}: training or evaluation"
+
+
+def test_kill9_at_seeded_moments_then_resume_is_bit_exact(forkserver, reference, tmp_path):
+    rng = random.Random(20240607)
+    run = tmp_path / "run"
+    epochs = load_config(PRESET, SETS).train.epochs
+    # an epoch's training time in the reference run (this machine, now): delays that land mid-epoch
+    epoch_s = min(r["train_time_s"] for r in json.loads((reference / RUN_FILES["history"]).read_text()))
+    slow = {"names": ["best.safetensors", "history.json", "checkpoint.pt", "final.safetensors"], "delay": 0.3}
+    plan = [("delay", rng.uniform(0.05, 0.6)),                       # from the start: setup / epoch 1
+            ("temp", ["best.safetensors", "history.json"]),           # end of an epoch, before its checkpoint
+            ("after_checkpoint", rng.uniform(0.0, 0.9) * epoch_s),    # somewhere in the next epoch
+            ("temp", ["checkpoint.pt"]),                              # mid checkpoint write
+            ("after_checkpoint", rng.uniform(0.0, 0.9) * epoch_s),
+            ("temp", ["final.safetensors"])]                          # after the last checkpoint
+    kills, resume_s, loads, seen = [], [], 0, set()
+    for kind, arg in plan:
+        log = tmp_path / f"kill{len(kills)}.log"
+        start_pos = _ckpt_pos(run) if run.exists() else None
+        pid = forkserver.start(_argv(run, resume=(run / "config.yaml").exists()), log,
+                               slow=slow if kind == "temp" else None)
+        t0, t_ckpt, resumed_at, rc = time.time(), None, None, None
+        while True:
+            rc = forkserver.poll(pid)
+            if rc is not None:
+                break
+            now = time.time()
+            ck = run / RUN_FILES["checkpoint"]
+            if ck.exists():  # every version of the checkpoint that ever appears must load
+                st = ck.stat()
+                if (st.st_ino, st.st_mtime_ns) not in seen:
+                    seen.add((st.st_ino, st.st_mtime_ns))
+                    pos = _checkpoint_ok(ck)
+                    loads += 1
+                    if t_ckpt is None and pos != start_pos:
+                        t_ckpt = now
+            if resumed_at is None and "resumed from" in _read(log):
+                resumed_at = now - t0
+            if ((kind == "delay" and now - t0 >= arg)
+                    or (kind == "temp" and any(any(run.glob(f".{n}.*.tmp")) for n in arg))
+                    or (kind == "after_checkpoint" and t_ckpt is not None and now - t_ckpt >= arg)):
+                os.kill(pid, signal.SIGKILL)
+                rc = forkserver.wait(pid)
+                break
+            time.sleep(0.005)
+        if resumed_at is not None:
+            resume_s.append(round(resumed_at, 3))
+        if rc != -signal.SIGKILL:  # the run finished before this moment came
+            assert rc == 0, log.read_text()
+            kills.append({"target": f"{kind} {arg}", "landed": False})
+            break
+        phase = _phase(run, epochs)
+        pos = _ckpt_pos(run) if run.exists() else None  # never corrupt after a kill
+        kills.append({"target": f"{kind} {arg}", "landed": True, "after_s": round(time.time() - t0, 2),
+                      "phase": phase, "checkpoint_at": pos, "temps_left": _temps(run) if run.exists() else []})
+    else:
+        rc = None
+    if rc != 0:  # resume until done
+        log = tmp_path / "final.log"
+        t0 = time.time()
+        rc, dt, text = forkserver.run(_argv(run, resume=True), log)
+        assert rc == 0, text
+        FIGURES["final_resume_to_done_s"] = round(dt, 2)
+        m = [ln for ln in text.splitlines() if "resumed from" in ln]
+        assert m, text
+    landed = [k for k in kills if k["landed"]]
+    FIGURES["kill9"] = {"points": kills, "landed": len(landed), "distinct_phases": sorted({k["phase"] for k in landed}),
+                        "checkpoint_versions_loaded_while_running": loads,
+                        "resume_start_to_training_s": resume_s}
+    assert len(landed) >= 5, kills
+    assert len({k["phase"] for k in landed}) >= 4, kills
+    assert any("checkpoint.pt" in k["phase"] for k in landed), kills
+    assert _temps(run) == [], "temporary files of killed writes were not cleaned up"
+    _assert_same_run(run, reference)
+    FIGURES["kill9"]["bit_exact"] = True
+
+
+# ----------------------------------------------------------------------------- SIGTERM / SIGINT (real processes)
+
+def _wait_for(cond, timeout=180.0, what=""):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _resume_command(message: str, run: Path) -> list:
+    line = [ln for ln in message.splitlines() if "Resume with: rb-labelrefine " in ln][-1]
+    argv = shlex.split(line.split("Resume with: rb-labelrefine ", 1)[1])
+    assert argv == ["train", "--config", str(run / "config.yaml"), "--out", str(run), "--resume"]
+    return argv
+
+
+def test_sigterm_to_python_m_training_exits_3_and_resumes_bit_exact(forkserver, reference, tmp_path,
+                                                                     python_m_sigterm):
+    """The real entry point, ``python -m rb_labelrefine train``, gets SIGTERM early in epoch 2
+    (started in the background by the python_m_sigterm fixture); the command its message
+    suggests resumes it to the reference run, bit for bit."""
+    st = python_m_sigterm
+    run, proc = st["run"], st["proc"]
+    st["thread"].join(300)
+    rc = proc.wait(120)
+    text = _read(st["err"])
+    assert "signal_sent_after_s" in st, text
+    assert rc == 3, text
+    assert "received SIGTERM: finishing the current step, then checkpointing" in text
+    assert "stopped by SIGTERM at epoch" in text
+    pos = _checkpoint_ok(run / RUN_FILES["checkpoint"])
+    FIGURES["sigterm_python_m"] = {"exit_code": rc, "checkpoint_at": pos,
+                                   "start_to_config_s": st.get("start_to_config_s"),
+                                   "message": [ln for ln in text.splitlines() if "stopped by" in ln][-1]}
+    rc, dt, log = forkserver.run(_resume_command(text, run), tmp_path / "resume.log")
+    assert rc == 0, log
+    FIGURES["sigterm_python_m"]["resume_to_done_s"] = round(dt, 2)
+    _assert_same_run(run, reference)
+
+
+@pytest.mark.parametrize("sig, twice", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_signal_to_training_process_then_resume_is_bit_exact(forkserver, reference, tmp_path, sig, twice):
+    """SIGINT (Ctrl-C) behaves like SIGTERM.  A second signal stops at once (no new checkpoint):
+    whatever it interrupts, the checkpoint on disk still loads and resuming is still exact."""
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    pid = forkserver.start(_argv(run), log)
+    _wait_for(lambda: _history_len(run) >= 1 or forkserver.poll(pid) is not None, what="epoch 1")
+    time.sleep(random.Random(int(sig) + twice).uniform(0.0, 0.3))
+    os.kill(pid, sig)
+    if twice:
+        time.sleep(0.002)
+        os.kill(pid, sig)
+    rc = forkserver.wait(pid)
+    text = log.read_text()
+    name = signal.Signals(sig).name
+    if twice:
+        assert rc != 0, text
+    else:
+        assert rc == 3, text
+        assert f"stopped by {name}" in text and "Resume with: rb-labelrefine train" in text
+    pos = _checkpoint_ok(run / RUN_FILES["checkpoint"])
+    assert _temps(run) == []  # even the second signal, mid-write, leaves no temporary behind
+    FIGURES.setdefault("signals", []).append({"signal": name, "twice": twice, "exit_code": rc, "checkpoint_at": pos})
+    rc, _, text = forkserver.run(_argv(run, resume=True), tmp_path / "resume.log")
+    assert rc == 0, text
+    _assert_same_run(run, reference)
+
+
+def test_cli_resume_from_a_pickled_checkpoint_is_refused_exit_2(forkserver, evil, tmp_path):
+    before = _hash_dir(evil["run"])
+    rc, _, text = forkserver.run(["train", "--config", evil["run"] / "config.yaml", "--out", evil["run"], "--resume"],
+                                 tmp_path / "resume.log")
+    assert rc == 2, text
+    assert "rb-labelrefine: error: refusing to load" in text and "checkpoint.pt" in text
+    assert "Unsupported global: GLOBAL exec" in text and "\x1b[" not in text
+    FIGURES["messages"]["pickled --resume checkpoint"] = text.strip().splitlines()[-1]
+    assert not evil["marker"].exists()
+    assert _hash_dir(evil["run"]) == before

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..averaging import EMA
+from ..fast import teacher_forward
 from .base import Rectifier, Target
 
 __all__ = ["ADR", "rectify", "cosine_schedule", "ADR_PRESETS"]
@@ -112,8 +113,7 @@ class ADR(Rectifier):
 
     def targets(self, x, y, *, index=None) -> Target:
         self._check_labels(y)
-        with torch.no_grad():
-            t_logits = self.teacher(x)  # teacher in eval mode (ModelEmaV2 semantics)
+        t_logits = teacher_forward(self.teacher, x)  # eval mode (ModelEmaV2 semantics), inference mode
         dist = rectify(t_logits, y, self.temperature, self.interpolation)
         return Target(y, dist)  # P is used by the attack and by the loss
 

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..fast import teacher_forward
 from ..losses import kd_loss, soft_cross_entropy
 
 __all__ = ["Rectifier", "Target", "KDTerm"]
@@ -80,8 +81,7 @@ class Target:
             if inputs is None:
                 raise ValueError("this target has KD terms: pass the inputs the logits were computed on")
             for term in self.kd_terms:
-                with torch.no_grad():
-                    t_logits = term.teacher(inputs)
+                t_logits = teacher_forward(term.teacher, inputs)  # inference mode, a normal tensor
                 total = total + term.weight * kd_loss(logits, t_logits, term.temperature, reduction=reduction)
         return total
 
@@ -112,6 +112,12 @@ class Rectifier:
     def end_epoch(self, model: nn.Module) -> None:
         """Call at the end of every epoch."""
         self.epoch += 1
+
+    def synchronize(self, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Distributed data parallel: after each step, make per-sample state identical on every
+        rank.  ``all_gather(t)`` concatenates ``t`` from all ranks (rank order; any length along
+        dim 0) and is a collective: every rank calls it the same number of times.  State that only
+        follows the weights (EMA teachers) or is frozen needs nothing: the default does nothing."""
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -56,6 +56,7 @@ class SGLR(Rectifier):
         # memory: soft labels; `seen` marks rows initialised to onehot(y)
         self.memory = torch.zeros(num_samples, num_classes)
         self.seen = torch.zeros(num_samples, dtype=torch.bool)
+        self._pending = None
 
     @property
     def active(self) -> bool:
@@ -66,10 +67,11 @@ class SGLR(Rectifier):
         if index is None:
             raise ValueError("SGLR keeps a per-sample memory: pass each sample's dataset index "
                              "(wrap the dataset in rb_labelrefine.data.IndexedDataset)")
-        index = index.to(self.memory.device).long()
+        # range check on the index as given (the loader's CPU tensor): no host-device sync
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
             raise ValueError(f"sample index out of range [0, {self.num_samples}): "
                              f"min {int(index.min())}, max {int(index.max())}")
+        index = index.to(self.memory.device, non_blocking=True).long()
         if not self.active:
             return Target(y)  # hard-label AT before the start epoch
         return Target(y, for_attack=y, resolver=lambda nat, adv: self._update(x, y, index, nat, adv))
@@ -94,7 +96,23 @@ class SGLR(Rectifier):
         mem = self.momentum * mem + (1.0 - self.momentum) * new                        # Eq. 8
         self.memory[index] = mem.to(self.memory.device)
         self.seen[index] = True
+        self._pending = (index, mem)  # the rows this rank updated (distributed: see synchronize)
         return mem
+
+    @torch.no_grad()
+    def synchronize(self, all_gather) -> None:
+        """DDP: write every rank's freshly updated rows into every rank's memory (the ranks' samples
+        of one step are disjoint slices of one global batch, so the writes never collide)."""
+        if not self.active:
+            return
+        pending, self._pending = self._pending, None
+        if pending is None:  # still take part in the collective
+            pending = (torch.zeros(0, dtype=torch.long, device=self.memory.device),
+                       self.memory.new_zeros((0, self.num_classes)))
+        index = all_gather(pending[0].long()).to(self.memory.device)
+        rows = all_gather(pending[1].float()).to(self.memory.device)
+        self.memory[index] = rows
+        self.seen[index] = True
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fast import teacher_forward
 from .base import KDTerm, Rectifier, Target
 
 __all__ = ["LTD", "KDSelfTeachers", "KD_WEIGHTS", "freeze"]
@@ -48,8 +49,7 @@ class LTD(Rectifier):
 
     def targets(self, x, y, *, index=None) -> Target:
         self._check_labels(y)
-        with torch.no_grad():
-            t_logits = self.teacher(x)
+        t_logits = teacher_forward(self.teacher, x)  # inference mode
         if t_logits.shape[1] != self.num_classes:
             raise ValueError(f"the LTD teacher predicts {t_logits.shape[1]} classes, the task has {self.num_classes}")
         dist = F.softmax(t_logits.float() / self.temperature, dim=1)

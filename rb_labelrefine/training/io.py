@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -101,6 +102,19 @@ def atomic_torch_save(obj, path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _weights_only_reason(exc) -> str:
+    """What the weights-only unpickler refused (e.g. "Unsupported global: GLOBAL builtins.exec was
+    not an allowed global by default"): torch's message starts with a generic, ANSI-coloured
+    preamble and names the culprit on a later "WeightsUnpickler error:" line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            return line[len("WeightsUnpickler error:"):].split(". Please use")[0].strip().rstrip(".")[:300]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
 def safe_torch_load(path, map_location="cpu"):
     """Load a torch file with ``weights_only=True``; refuse anything needing full unpickling."""
     path = Path(path)
@@ -111,7 +125,7 @@ def safe_torch_load(path, map_location="cpu"):
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs full unpickling, which can execute arbitrary code "
-            f"(weights-only load said: {str(exc).splitlines()[0][:300]}). Only load checkpoints "
+            f"(weights-only load said: {_weights_only_reason(exc)}). Only load checkpoints "
             "saved as tensors/plain containers or safetensors; if you trust the file, convert it "
             "yourself to a state_dict of tensors.") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:

@@ -41,6 +41,15 @@ from ..objectives import build_objective
 from ..rectifiers.registry import BuildContext, build_rectifier
 from ..runs import RUN_FILES, build_model_for, info_to_metadata, read_weights, write_weights
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temps, safe_torch_load
+# [fast paths / DDP hook] step runtime (amp, channels_last, compile, sync-free checks) and torchrun support
+from ..fast import StepRuntime
+from .distributed import init_distributed, is_main_process, rank_zero_only
+
+# [DDP hook] under torchrun only rank 0 writes files: these writers are no-ops on the other ranks
+# (and plain pass-throughs in a single process).  See training/distributed.py.
+atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temps = (
+    rank_zero_only(f) for f in (atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temps))
+write_weights = rank_zero_only(write_weights, returns_path_arg=1)
 
 __all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLossError", "ResumeError", "train"]
 
@@ -239,6 +248,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.device = _resolve_device(cfg.train.device)
+        # [DDP hook] under torchrun (WORLD_SIZE > 1): join the process group, cuda:LOCAL_RANK, quiet ranks
+        self.dist = init_distributed(self)
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         random.seed(cfg.train.seed)
@@ -303,6 +314,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.eval_loaders()
+        # [fast paths / DDP hook] amp, channels_last, compile, DDP wrapping + sharded loader (rb_labelrefine/fast.py)
+        self._fast = StepRuntime(self, self.dist)
 
     def eval_loaders(self):
         bs, C = self.cfg.eval.batch_size, self.info.num_classes
@@ -340,7 +353,7 @@ class Trainer:
         try:
             teacher.load_state_dict(state)
         except (RuntimeError, TypeError) as exc:
-            first = str(exc).splitlines()[0]
+            first = _load_error_detail(exc)
             raise ConfigError(field, f"teacher {p} does not match the student's architecture "
                               f"{self.cfg.model.arch} ({first})") from None
         return teacher.to(self.device)
@@ -371,7 +384,7 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise ResumeError(f"the checkpoint's model does not match the config: {str(exc).splitlines()[0]}") from None
+            raise ResumeError(f"the checkpoint's model does not match the config: {_load_error_detail(exc)}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.rectifier.load_state_dict(state["rectifier"])
         if self.wa is not None:
@@ -389,7 +402,14 @@ class Trainer:
 
     def save_checkpoint(self, epoch: int, batch: int) -> Path:
         path = self.out / RUN_FILES["checkpoint"]
-        atomic_torch_save(self.state_dict(epoch, batch), path)
+        state = self.state_dict(epoch, batch)
+        bad = _nonfinite_parts(state)
+        if bad:  # never replace a good checkpoint by a diverged state: weights that overflowed while
+            # the loss was still finite, or a non-finite loss not yet read back from an accelerator
+            raise NonFiniteLossError(f"at epoch {epoch + (1 if batch else 0)}, step {self.global_step}: "
+                                     f"{self._kept_checkpoint(path, bad)} Lower optim.lr, check the data, "
+                                     "or set train.grad_clip.")
+        atomic_torch_save(state, path)
         return path
 
     # ------------------------------------------------------------------ evaluation
@@ -547,29 +567,37 @@ class Trainer:
             torch.cuda.set_rng_state_all(self._step_rng[1])
 
     def train_step(self, x, y, idx, epoch: int):
+        # [fast paths / DDP hook] rt: amp autocast, channels_last input, compiled/DDP models, GradScaler,
+        # sync-free non-finite check on accelerators, DDP collectives (rb_labelrefine/fast.py StepRuntime)
+        rt = self._fast
+        x = rt.prepare_input(x)
         self._snapshot_step_state()
-        target = self.rectifier.targets(x, y, index=idx)
-        x_adv = self.objective.adversarial(self.model, x, target)
-        self.model.train()
-        use_awp = self.awp is not None and epoch >= self.cfg.awp.warmup_epochs
-        if use_awp:
-            self.awp.perturb(self.model, lambda m: self.objective.loss(m, x, x_adv, target)[0])
-        loss, logits_adv = self.objective.loss(self.model, x, x_adv, target)
-        if not torch.isfinite(loss):
+        with rt.autocast():
+            target = self.rectifier.targets(x, y, index=idx)
+            x_adv = self.objective.adversarial(rt.attack_model, x, target)  # DDP: the unwrapped module
+            self.model.train()
+            use_awp = self.awp is not None and epoch >= self.cfg.awp.warmup_epochs
+            if use_awp:
+                self.awp.perturb(self.model, rt.awp_loss(self.objective, x, x_adv, target))
+            loss, logits_adv = self.objective.loss(rt.train_model, x, x_adv, target)
+        bad = rt.nonfinite(loss)  # per step on the CPU; a device-side flag read every log_every steps elsewhere
+        if bad is not None:
             if use_awp:
                 self.awp.restore()
             # back to exactly the state after the previous step (no update was made); the loop
             # checkpoints it (see _save_last_good)
             self._restore_step_state()
-            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, "
-                                     f"step {self.global_step + 1}")
+            raise NonFiniteLossError(f"non-finite training loss ({bad.value}) at epoch {epoch + 1}, "
+                                     f"step {bad.step + 1}{bad.note}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        rt.backward(loss, y.shape[0])  # fp16: scaled; DDP: the rank's share of the global batch
         if self.cfg.train.grad_clip:
+            rt.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        rt.step(self.optimizer)
         if use_awp:
             self.awp.restore()
+        rt.after_update()  # DDP: rank 0's buffers, per-sample state gathered, agreed stop signals
         self.rectifier.after_step(self.model)
         if self.wa is not None:  # (when ADR shares it as its teacher, ADR does not update it)
             self.wa.update(self.model)
@@ -581,11 +609,15 @@ class Trainer:
         it is finite; otherwise (the previous update already overflowed, or a rectifier stored
         NaN) keep the checkpoint on disk -- never replace a good checkpoint by a diverged one."""
         state = self.state_dict(epoch, batch)
-        bad = [name for name in ("model", "optimizer", "rectifier", "wa", "swa") if not _all_finite(state[name])]
+        bad = _nonfinite_parts(state)
         path = self.out / RUN_FILES["checkpoint"]
         if not bad:
             atomic_torch_save(state, path)
             return f"the last good state (before this step) is in {path}."
+        return self._kept_checkpoint(path, bad)
+
+    @staticmethod
+    def _kept_checkpoint(path: Path, bad: list) -> str:
         if path.exists():
             try:
                 old = safe_torch_load(path)
@@ -598,6 +630,7 @@ class Trainer:
                 "(training diverged before the first one), so nothing was saved.")
 
     def _flush_epoch_acc(self, loss_sum, correct, seen, t0):
+        seen = self._fast.reduce_epoch_sums(loss_sum, correct, seen)  # [DDP hook] sums over all ranks
         acc = self.epoch_acc
         acc["loss"] += float(loss_sum)
         acc["correct"] += float(correct)
@@ -652,7 +685,7 @@ class Trainer:
                 "data_info": info_to_metadata(self.info)}
 
     def _write_curves(self):
-        if not self.history:
+        if not self.history or not is_main_process():  # [DDP hook] rank 0 writes files
             return None
         from ..plots import plot_curves
 
@@ -682,7 +715,7 @@ class Trainer:
         curves = self._write_curves()
         if curves is not None:
             summary["paths"]["curves"] = str(curves)
-        if cfg.eval.autoattack:
+        if cfg.eval.autoattack and is_main_process():  # [DDP hook] AutoAttack on rank 0 only
             summary["autoattack"] = self.run_autoattack()
         atomic_write_json(self.out / RUN_FILES["summary"], summary)
         return summary
@@ -710,17 +743,38 @@ class Trainer:
         return out
 
 
+def _load_error_detail(exc) -> str:
+    """The informative line of a load_state_dict error (its first line is only "Error(s) in
+    loading state_dict for X:"; the next names the missing keys or the mismatching shapes)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__))[:300]
+
+
 def _all_finite(obj) -> bool:
-    """Every floating tensor in a (nested) state dict is finite."""
-    if torch.is_tensor(obj):
-        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
-    if isinstance(obj, dict):
-        return all(_all_finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return all(_all_finite(v) for v in obj)
-    if isinstance(obj, float):
-        return math.isfinite(obj)
-    return True
+    """Every floating tensor and float in a (nested) state dict is finite (one sync per device)."""
+    flags, ok = [], True
+
+    def walk(o):
+        nonlocal ok
+        if torch.is_tensor(o):
+            if o.is_floating_point() and o.numel():
+                flags.append(torch.isfinite(o).all())
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        elif isinstance(o, float) and not math.isfinite(o):
+            ok = False
+
+    walk(obj)
+    return ok and all(bool(torch.stack([f for f in flags if f.device == d]).all()) for d in {f.device for f in flags})
+
+
+def _nonfinite_parts(state: dict) -> list:
+    """The parts of a training state (model, optimizer, ...) holding NaN/Inf."""
+    return [k for k in ("model", "optimizer", "rectifier", "wa", "swa") if not _all_finite(state.get(k))]
 
 
 def _stack(ds, n: Optional[int] = None):

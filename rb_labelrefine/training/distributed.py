@@ -1,0 +1,340 @@
+"""Distributed data parallel for the built-in trainer: ``torchrun --nproc_per_node=N``.
+
+    torchrun --nproc_per_node=2 -m rb_labelrefine train --config cifar10-resnet18-pgdat-adr --out runs/x
+    (or: torchrun --nproc_per_node=2 $(which rb-labelrefine) train ...)
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; with WORLD_SIZE > 1 the
+trainer joins a process group (``nccl`` on CUDA -- one GPU per process, ``cuda:LOCAL_RANK`` --,
+``gloo`` on the CPU).  What each part does:
+
+* **data**: ``data.batch_size`` stays the *global* batch.  Every rank walks the trainer's own
+  deterministic :class:`~rb_labelrefine.training.trainer.EpochSampler` permutation (same seed, same
+  epoch, same mid-epoch skip) in global batches and takes its contiguous slice of each: rank ``r``
+  of ``W`` gets ``B/W`` samples (sizes differ by at most one when ``W`` does not divide a batch).
+  The union of the ranks' step-``k`` batches is the single-process step-``k`` batch.
+* **model**: initial weights, buffers, the averaged copies (WA, SWA, ADR's EMA) and the teachers are
+  broadcast from rank 0; the training forward goes through ``DistributedDataParallel``
+  (gradients averaged in backward).  The attack runs on the *unwrapped* module: crafting x' only
+  differentiates w.r.t. the input and must not touch DDP's reducer (no gradient all-reduce, no
+  "reduction not finished" state).  When a rank's share of an uneven batch differs, its loss is
+  weighted by ``n_rank * W / n_global`` so the averaged gradient is that of the global-batch mean.
+* **BatchNorm**: each rank normalises with its own per-rank batch statistics (as DDP does; use
+  SyncBatchNorm-free models for an exact match with one process).  After every optimizer step the
+  buffers (running statistics) are broadcast from rank 0, so every rank -- and every EMA of the
+  weights and buffers -- holds identical values.
+* **per-sample state** (SGLR's memory): each rank updates the rows of its samples; the updated rows
+  and their indices are all-gathered after the step (:meth:`Rectifier.synchronize`).
+* **AWP**: the proxy gradients are averaged across ranks, so every rank applies the same
+  perturbation (that of the global batch).
+* **metrics**: the epoch's loss/accuracy sums and counts are all-reduced; evaluation (validation
+  PGD, test curve, SWA's BatchNorm pass) runs identically on every rank -- same weights, same RNG
+  stream -- so the best-epoch decision agrees without communication; AutoAttack runs on rank 0.
+* **files and logs**: written by rank 0 only (:func:`rank_zero_only`); the other ranks are quiet.
+* **signals / non-finite loss**: ranks agree before acting (an all-reduce of the flags), so all of
+  them stop -- or raise -- at the same step.
+
+Random starts: all ranks share one RNG stream (same seed; the checkpoint stores one RNG state), so
+the rank-``r`` slice of a batch draws the same noise as rank 0's slice.  With
+``attack.random_start=false`` (PGD) a distributed run equals the single-process run up to float
+summation order; with random starts it is a statistically equivalent run, not the same numbers.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import signal
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Sampler
+
+__all__ = ["DistributedContext", "ShardedBatchSampler", "init_distributed", "is_main_process", "rank_zero_only",
+           "env_world"]
+
+
+def env_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment (0, 1, 0 when absent)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def rank_zero_only(fn: Callable, *, returns_path_arg: Optional[int] = None) -> Callable:
+    """``fn`` on rank 0 (or without a process group); elsewhere a no-op that returns ``None`` or,
+    with ``returns_path_arg=i``, ``Path(args[i])`` (for writers that return the written path)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if is_main_process():
+            return fn(*args, **kwargs)
+        if returns_path_arg is not None and len(args) > returns_path_arg:
+            return Path(args[returns_path_arg])
+        return None
+    wrapper.__wrapped_rank_zero__ = fn
+    return wrapper
+
+
+class ShardedBatchSampler(Sampler):
+    """This rank's slice of each global batch of a trainer's ``EpochSampler``.
+
+    ``set_epoch(epoch, skip)`` is forwarded (``skip`` counts samples of the global order), so the
+    deterministic order, the resume-mid-epoch skip and ``steps_per_epoch`` stay those of the
+    single-process run."""
+
+    def __init__(self, base, batch_size: int, rank: int, world_size: int, on_set_epoch: Optional[Callable] = None):
+        if batch_size < world_size:
+            raise ValueError(f"the global batch ({batch_size}) is smaller than the number of ranks ({world_size})")
+        self.base, self.batch_size, self.rank, self.world_size = base, int(batch_size), int(rank), int(world_size)
+        self.on_set_epoch = on_set_epoch
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.base.set_epoch(epoch, skip)
+        if self.on_set_epoch is not None:
+            self.on_set_epoch(epoch, skip)
+
+    @staticmethod
+    def slice_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+        """``[start, stop)`` of rank's share of a batch of ``n``: sizes differ by at most one."""
+        q, r = divmod(n, world_size)
+        start = rank * q + min(rank, r)
+        return start, start + q + (1 if rank < r else 0)
+
+    def __iter__(self):
+        order = list(iter(self.base))
+        for i in range(0, len(order), self.batch_size):
+            batch = order[i:i + self.batch_size]
+            a, b = self.slice_bounds(len(batch), self.rank, self.world_size)
+            yield batch[a:b]
+
+    def __len__(self):
+        return (len(self.base) + self.batch_size - 1) // self.batch_size
+
+
+class DistributedContext:
+    """The process group as the trainer sees it.  ``enabled`` is False in a single process, and
+    then every method is a cheap no-op."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, backend: Optional[str] = None):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.backend = backend
+        self.enabled = world_size > 1
+        self._pending_signal: Optional[int] = None
+        self._buffers: Optional[list] = None
+        self._carried = (0.0, 0.0)
+        self._guard = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ collectives
+    def any_true(self, flag: bool) -> bool:
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def average(self, tensors: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        """Mean over ranks of each tensor (``None`` entries stay ``None``), one flat all-reduce."""
+        present = [t for t in tensors if t is not None]
+        if not self.enabled or not present:
+            return tensors
+        flat = torch._utils._flatten_dense_tensors([t.contiguous() for t in present])
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        out = iter(torch._utils._unflatten_dense_tensors(flat, present))
+        return [None if t is None else next(out) for t in tensors]
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``t`` (any length along dim 0) from every rank, in rank order."""
+        if not self.enabled:
+            return t
+        dev = self._comm_device
+        t = t.to(dev)
+        n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        m = max(sizes)
+        padded = t.new_zeros((m,) + tuple(t.shape[1:]))
+        padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+    def broadcast_module(self, module: nn.Module) -> None:
+        """Parameters and buffers of ``module`` from rank 0."""
+        if not self.enabled:
+            return
+        tensors = [t for t in list(module.parameters()) + list(module.buffers())]
+        with torch.no_grad():
+            for group in _by_dtype(tensors):
+                flat = torch._utils._flatten_dense_tensors([t.data for t in group])
+                dist.broadcast(flat, src=0)
+                for t, v in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+                    t.data.copy_(v)
+
+    # ------------------------------------------------------------------ trainer hooks
+    def setup_trainer(self, trainer) -> None:
+        """Called right after the trainer resolved its device: one device per rank, quiet ranks."""
+        if not self.enabled:
+            return
+        if trainer.device.type == "cuda":
+            trainer.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(trainer.device)
+        if not self.is_main:
+            trainer.log = lambda msg: None
+            trainer.progress = False
+        # ranks act on a SIGTERM/SIGINT only once all agree (see after_update)
+        trainer._on_signal = functools.partial(self._on_signal, trainer)
+
+    def _on_signal(self, trainer, signum, frame):
+        if self._pending_signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self._pending_signal = signum
+        trainer.log(f"received {signal.Signals(signum).name}: finishing the current step, then checkpointing")
+
+    def shard_loader(self, trainer) -> None:
+        """Replace the trainer's loader by this rank's slices of the same global batches."""
+        cfg = trainer.cfg
+        B, W, n = cfg.data.batch_size, self.world_size, len(trainer.train_ds)
+        last = n % B
+        if B < W or 0 < last < W:
+            from ..config import ConfigError
+            raise ConfigError("data.batch_size", f"with {W} ranks every global batch needs at least {W} samples; "
+                              f"{n} training samples in batches of {B} leave a last batch of {last or B}. "
+                              "Choose another batch size (or data.train_subset).")
+        sampler = ShardedBatchSampler(trainer.sampler, B, self.rank, W, on_set_epoch=self._on_set_epoch(trainer))
+        trainer.sampler = sampler
+        trainer.train_loader = DataLoader(trainer.train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                          generator=trainer.train_loader.generator)
+
+    def _on_set_epoch(self, trainer):
+        def hook(epoch, skip):
+            # a resumed epoch carries its partial sums (already summed over ranks) on every rank:
+            # remember them, so reduce_epoch_sums counts them once
+            acc = trainer.epoch_acc if skip else {}
+            self._carried = (float(acc.get("loss", 0.0)), float(acc.get("correct", 0.0)))
+        return hook
+
+    def broadcast_replicas(self, trainer) -> None:
+        """Rank 0's initial weights everywhere: the model, WA/SWA copies, the rectifier's modules."""
+        mods = [trainer.model]
+        for owner in (trainer.wa, trainer.swa):
+            if owner is not None:
+                mods.append(owner.module)
+        mods += [v for v in vars(trainer.rectifier).values() if isinstance(v, nn.Module)]
+        seen = set()
+        for m in mods:
+            if id(m) not in seen:
+                seen.add(id(m))
+                self.broadcast_module(m)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        import inspect
+
+        dev = next(model.parameters()).device
+        # buffers: synchronised once at construction and after each step (after_update), not before
+        # every forward (newer torch spells this forward_sync_buffers=False, older broadcast_buffers=False)
+        kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+              else {"broadcast_buffers": False})
+        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, **kw)
+
+    def loss_weight(self, n_local: int, global_step: int, trainer) -> float:
+        """``n_rank * W / n_global`` for the global batch of this step (1 for equal shares)."""
+        B, n = trainer.cfg.data.batch_size, len(trainer.train_ds)
+        k = global_step % trainer.steps_per_epoch
+        n_global = min(B, n - k * B)
+        return float(n_local * self.world_size) / float(n_global)
+
+    def after_update(self, trainer, guard) -> None:
+        """After the optimizer step: identical buffers and per-sample state on every rank, and an
+        agreed decision about a stop signal."""
+        if self._buffers is None:
+            self._buffers = [b for name, b in trainer.model.named_buffers() if name not in ("mean", "std")]
+        if self._buffers:
+            with torch.no_grad():
+                for group in _by_dtype(self._buffers):
+                    flat = torch._utils._flatten_dense_tensors(group)
+                    dist.broadcast(flat, src=0)
+                    torch._foreach_copy_(group, list(torch._utils._unflatten_dense_tensors(flat, group)))
+        trainer.rectifier.synchronize(self.all_gather_rows)
+        # stop signals: every step with gloo (cheap), at the non-finite check interval with nccl
+        if self.backend == "nccl" and (trainer.global_step + 1) % guard.check_every != 0:
+            return
+        if self.any_true(self._pending_signal is not None):
+            trainer._stop_signal = self._pending_signal or signal.SIGTERM
+            self._pending_signal = None
+            if not guard.per_step:  # a checkpoint follows: never checkpoint a state that went non-finite
+                bad = guard.check(trainer.global_step)
+                if bad is not None:
+                    from .trainer import NonFiniteLossError
+                    epoch = bad.step // max(trainer.steps_per_epoch, 1)
+                    raise NonFiniteLossError(f"non-finite training loss ({bad.value}) at epoch {epoch + 1}, "
+                                             f"step {bad.step + 1}{bad.note}")
+
+    def reduce_epoch_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> int:
+        """All-reduce the epoch's running sums in place; returns the global sample count."""
+        if not self.enabled:
+            return seen
+        if not self.is_main:  # partial sums carried over a resume are on every rank: count them once
+            loss_sum -= self._carried[0]
+            correct -= self._carried[1]
+        self._carried = (0.0, 0.0)
+        dev = self._comm_device
+        t = torch.stack([loss_sum.detach().double().to(dev), correct.detach().double().to(dev),
+                         torch.tensor(float(seen), dtype=torch.float64, device=dev)])
+        dist.all_reduce(t)
+        loss_sum.copy_(t[0])
+        correct.copy_(t[1])
+        return int(round(float(t[2])))
+
+
+def _by_dtype(tensors):
+    groups = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
+
+
+def init_distributed(trainer) -> DistributedContext:
+    """Join torchrun's process group when WORLD_SIZE > 1 (idempotent), and adapt ``trainer``."""
+    rank, world, local = env_world()
+    if world <= 1:
+        return DistributedContext()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
+    backend = "nccl" if trainer.device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+        atexit.register(_destroy)
+    else:
+        backend = dist.get_backend()
+        rank, world = dist.get_rank(), dist.get_world_size()
+    ctx = DistributedContext(rank, world, local, backend)
+    ctx.setup_trainer(trainer)
+    return ctx
+
+
+def _destroy():
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
