@@ -21,14 +21,6 @@ from rb_labelrefine.evaluation import (
 CHEAP = {"apgd.n_iter": 10, "apgd.n_restarts": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mlp(in_dim=3 * 8 * 8, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(in_dim, 32), nn.ReLU(), nn.Linear(32, 10)).eval()

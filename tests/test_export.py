@@ -22,14 +22,6 @@ from rb_labelrefine.runs import info_to_metadata, write_weights
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _make_run(run_dir: Path, arch="tiny_cnn", method="adr"):
     """A minimal run directory in the trainer's layout: config.yaml + best/final weights."""
     run_dir.mkdir(parents=True)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from ..config import _merge
+
 HERE = Path(__file__).parent / "presets"
 
 DATASETS = {
@@ -77,20 +79,17 @@ def _presets_for(ds: str):
 
 
 def _m(*dicts):
+    """Deep-merge left to right (the same merge as ``base:`` inheritance)."""
     out: dict = {}
     for d in dicts:
-        for k, v in d.items():
-            if isinstance(v, dict) and isinstance(out.get(k), dict):
-                out[k] = _m(out[k], v)
-            else:
-                out[k] = v
+        out = _merge(out, d)
     return out
 
 
 def main():
     HERE.mkdir(parents=True, exist_ok=True)
-    for old in HERE.glob("*.yaml"):
-        if not old.name.startswith(("digits", "fmnist", "synthetic")):
+    for old in HERE.glob("*.yaml"):  # only the files this script writes (offline presets are hand-written)
+        if old.name.lstrip("_").startswith(tuple(DATASETS)):
             old.unlink()
     n = 0
     for ds, ds_cfg in DATASETS.items():
