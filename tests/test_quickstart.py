@@ -17,7 +17,8 @@ N = 16
 
 def test_quickstart_writes_everything_and_the_card_matches_autoattack(tmp_path):
     out = tmp_path / "qs"
-    fast = {"square.n_queries": 50, "apgd.n_iter": 20, "apgd_targeted.n_iter": 20, "fab.n_iter": 20}
+    fast = {"square.n_queries": 50, "apgd.n_iter": 20, "apgd_targeted.n_iter": 20, "apgd_targeted.n_target_classes": 2,
+            "fab.n_iter": 20, "fab.n_target_classes": 2}
     summary = run_quickstart(out, progress=False, autoattack_n=N, jobs=1, attack_params=fast,
                              overrides=["train.epochs=2", "attack.steps=3"])
     on_disk = json.loads((out / "summary.json").read_text())
