@@ -38,7 +38,11 @@ class ConfigError(ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.message = message
         super().__init__(f"config field '{field}': {message}")
+
+    def __reduce__(self):  # picklable, so it crosses process-pool boundaries intact
+        return (type(self), (self.field, self.message))
 
 
 @dataclass
@@ -163,6 +167,7 @@ class TrainConfig:
 class EvalConfig:
     model: str = "auto"             # which weights are validated/exported: auto picks swa > ema > raw
     val_attack_steps: int = 10      # PGD-10 on the validation split picks the best checkpoint (ADR)
+    select_by: str = "auto"         # robust | clean | auto (clean for objective natural, else robust)
     test_attack_steps: int = 20     # per-epoch PGD-20 curve on a fixed test subset
     test_every: int = 1
     curve_test_size: Optional[int] = 500
@@ -377,6 +382,7 @@ def validate(cfg: Config) -> Config:
     if e.model == "swa":
         _check(cfg.swa.enabled, "eval.model", "eval.model=swa needs swa.enabled=true")
     _check(e.val_attack_steps >= 1, "eval.val_attack_steps", "must be >= 1")
+    _check(e.select_by in ("auto", "robust", "clean"), "eval.select_by", "must be auto, robust or clean")
     _check(e.test_attack_steps >= 1, "eval.test_attack_steps", "must be >= 1")
     _check(e.test_every >= 1, "eval.test_every", "must be >= 1")
     _check(e.autoattack_version in ("standard", "plus", "rand"), "eval.autoattack_version",

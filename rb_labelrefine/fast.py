@@ -200,6 +200,8 @@ class StepRuntime:
         if attack is not None and attack_model is not model:
             attack.set_model(attack_model)           # built once; torchattacks keeps its settings
         self.scaler = make_grad_scaler(self.device, self.amp)
+        if self.device.type == "cuda":  # page-locked batches: the loop's non_blocking copies become asynchronous
+            trainer.train_loader.pin_memory = True
         per_step = self.device.type == "cpu"
         self.guard = NonFiniteGuard(per_step, check_every=t.log_every,
                                     any_rank=dist.any_true if dist is not None and dist.enabled else None)

@@ -115,9 +115,10 @@ class Rectifier:
 
     def synchronize(self, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Distributed data parallel: after each step, make per-sample state identical on every
-        rank.  ``all_gather(t)`` concatenates ``t`` from all ranks (rank order; any length along
-        dim 0) and is a collective: every rank calls it the same number of times.  State that only
-        follows the weights (EMA teachers) or is frozen needs nothing: the default does nothing."""
+        rank.  ``all_gather(t)`` concatenates ``t`` -- one row per sample of this rank's batch of the
+        step -- from all ranks (rank order, i.e. the order of the global batch) and is a collective:
+        every rank calls it the same number of times.  State that only follows the weights (EMA
+        teachers) or is frozen needs nothing: the default does nothing."""
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

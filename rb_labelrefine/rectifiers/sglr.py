@@ -106,9 +106,9 @@ class SGLR(Rectifier):
         if not self.active:
             return
         pending, self._pending = self._pending, None
-        if pending is None:  # still take part in the collective
-            pending = (torch.zeros(0, dtype=torch.long, device=self.memory.device),
-                       self.memory.new_zeros((0, self.num_classes)))
+        if pending is None:
+            raise RuntimeError("SGLR.synchronize: this step never computed its soft labels (the objective did not "
+                               "ask the target for its distribution)")
         index = all_gather(pending[0].long()).to(self.memory.device)
         rows = all_gather(pending[1].float()).to(self.memory.device)
         self.memory[index] = rows

@@ -157,16 +157,21 @@ class DistributedContext:
         out = iter(torch._utils._unflatten_dense_tensors(flat, present))
         return [None if t is None else next(out) for t in tensors]
 
-    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate ``t`` (any length along dim 0) from every rank, in rank order."""
+    def all_gather_rows(self, t: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
+        """Concatenate ``t`` from every rank, in rank order.  ``sizes``: every rank's number of rows
+        when known in advance (then no size exchange, i.e. no host sync on a GPU); otherwise any
+        length along dim 0 (the sizes are all-gathered first)."""
         if not self.enabled:
             return t
         dev = self._comm_device
         t = t.to(dev)
-        n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
-        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
-        dist.all_gather(sizes, n)
-        sizes = [int(s) for s in sizes]
+        if sizes is None:
+            n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
+            got = [torch.zeros_like(n) for _ in range(self.world_size)]
+            dist.all_gather(got, n)
+            sizes = [int(s) for s in got]
+        elif t.shape[0] != sizes[self.rank]:
+            raise RuntimeError(f"all_gather_rows: rank {self.rank} has {t.shape[0]} rows, expected {sizes[self.rank]}")
         m = max(sizes)
         padded = t.new_zeros((m,) + tuple(t.shape[1:]))
         padded[:t.shape[0]] = t
@@ -254,12 +259,15 @@ class DistributedContext:
               else {"broadcast_buffers": False})
         return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, **kw)
 
+    @staticmethod
+    def global_batch_size(global_step: int, trainer) -> int:
+        """Samples in the global batch of a step (deterministic: the last batch of an epoch may be short)."""
+        B, n = trainer.cfg.data.batch_size, len(trainer.train_ds)
+        return min(B, n - (global_step % trainer.steps_per_epoch) * B)
+
     def loss_weight(self, n_local: int, global_step: int, trainer) -> float:
         """``n_rank * W / n_global`` for the global batch of this step (1 for equal shares)."""
-        B, n = trainer.cfg.data.batch_size, len(trainer.train_ds)
-        k = global_step % trainer.steps_per_epoch
-        n_global = min(B, n - k * B)
-        return float(n_local * self.world_size) / float(n_global)
+        return float(n_local * self.world_size) / float(self.global_batch_size(global_step, trainer))
 
     def after_update(self, trainer, guard) -> None:
         """After the optimizer step: identical buffers and per-sample state on every rank, and an
@@ -272,7 +280,10 @@ class DistributedContext:
                     flat = torch._utils._flatten_dense_tensors(group)
                     dist.broadcast(flat, src=0)
                     torch._foreach_copy_(group, list(torch._utils._unflatten_dense_tensors(flat, group)))
-        trainer.rectifier.synchronize(self.all_gather_rows)
+        n_global = self.global_batch_size(trainer.global_step, trainer)
+        sizes = [b - a for a, b in (ShardedBatchSampler.slice_bounds(n_global, r, self.world_size)
+                                    for r in range(self.world_size))]
+        trainer.rectifier.synchronize(functools.partial(self.all_gather_rows, sizes=sizes))
         # stop signals: every step with gloo (cheap), at the non-finite check interval with nccl
         if self.backend == "nccl" and (trainer.global_step + 1) % guard.check_every != 0:
             return

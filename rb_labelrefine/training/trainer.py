@@ -458,7 +458,7 @@ class Trainer:
         self._setup()
         self.out.mkdir(parents=True, exist_ok=True)
         self.global_step, self.start_epoch, self.start_batch = 0, 0, 0
-        self.best = {"epoch": -1, "val_pgd": -1.0}
+        self.best = {"epoch": -1, "score": -1.0}
         self.history = []
         self.epoch_acc = {}
         if self.resume:
@@ -660,9 +660,16 @@ class Trainer:
         if (epoch + 1) % cfg.eval.test_every == 0 or epoch + 1 == cfg.train.epochs:
             rec["test_clean"], rec["test_pgd"] = self._evaluate(model, self.curve_loader, cfg.eval.test_attack_steps)
         self.history.append(rec)
-        score = rec.get("val_pgd", rec.get("test_pgd"))
-        if score is not None and score > self.best["val_pgd"]:
-            self.best = {"epoch": epoch + 1, "val_pgd": score, "val_clean": rec.get("val_clean"),
+        # The papers select by validation robust accuracy; a naturally trained model (a KD / LTD
+        # teacher) is selected by validation clean accuracy (its robust accuracy is ~0).
+        by = self.cfg.eval.select_by
+        if by == "auto":
+            by = "clean" if self.cfg.objective.name == "natural" else "robust"
+        score = rec.get("val_pgd" if by == "robust" else "val_clean",
+                        rec.get("test_pgd" if by == "robust" else "test_clean"))
+        if score is not None and score > self.best.get("score", self.best.get("val_pgd", -1.0)):
+            self.best = {"epoch": epoch + 1, "score": score, "selected_by": by, "val_pgd": rec.get("val_pgd"),
+                         "val_clean": rec.get("val_clean"),
                          "test_clean": rec.get("test_clean"), "test_pgd": rec.get("test_pgd"), "eval_model": which}
             write_weights(model, self.out / RUN_FILES["best"], self._weights_meta(epoch + 1, which))
         parts = [f"epoch {epoch + 1}/{cfg.train.epochs}", f"loss {rec['train_loss']:.4f}",
