@@ -1,0 +1,682 @@
+#!/usr/bin/env python
+"""Robust overfitting on real data: every label-refinement method on small Fashion-MNIST.
+
+Trains each method of the package on a small Fashion-MNIST training subset where plain PGD-AT
+overfits robustly, then scores the best (validation PGD-10) and the final checkpoint with clean
+accuracy, PGD-20 and AutoAttack standard (official implementation), in the style of ADR's
+Table 1 (Wu et al. 2024): best / final / difference.
+
+    python benchmarks/robust_overfitting.py --preset fmnist-small [--jobs 2] [--out DIR]
+           [--methods pgd_at adr ...] [--seeds 0 1] [--results-dir DIR] [--data-root DIR]
+    python benchmarks/robust_overfitting.py --preset smoke      # everything, 2 epochs, ~1 minute
+
+Runs execute in a pool of ``--jobs`` one-thread processes (two one-thread processes use two CPU
+cores better than one two-thread process), most important first; the JSON / markdown / plot are
+rewritten after every finished run, so a partial table survives an interruption.  A finished run
+(``benchmark_record.json`` in its directory) is reused when the script is started again with the
+same ``--out``; an interrupted one is resumed from its checkpoint.
+
+Outputs (``--results-dir``, default ``benchmarks/results`` for ``fmnist-small``, ``--out`` for
+``smoke``): ``robust_overfitting_<tag>.json``, ``.md`` and ``.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# JSON name -> preset (the table's rows, in display order)
+METHODS = {
+    "pgd_at": "fmnist-pgdat",
+    "trades": "fmnist-trades",
+    "label_smoothing": "fmnist-ls",
+    "adr": "fmnist-adr",
+    "adr_wa": "fmnist-adr-wa",
+    "sglr": "fmnist-sglr",
+    "kd_swa": "fmnist-kd-swa",
+    "ltd": "fmnist-ltd",
+    "awp": "fmnist-awp",
+    "wa": "fmnist-wa",
+}
+LABELS = {"pgd_at": "PGD-AT", "trades": "TRADES", "label_smoothing": "PGD-AT + LS", "adr": "PGD-AT + ADR",
+          "adr_wa": "PGD-AT + ADR + WA", "sglr": "PGD-AT + SGLR", "kd_swa": "PGD-AT + KD + SWA",
+          "ltd": "TRADES + LTD", "awp": "PGD-AT + AWP", "wa": "PGD-AT + WA"}
+MULTI_SEED = ("pgd_at", "adr", "sglr", "kd_swa")   # reported as mean +- std over --seeds
+# Priority: what matters most finishes first (a partial table is still useful).
+PRIORITY = ["pgd_at", "adr", "sglr", "natural", "kd_swa", "ltd", "trades", "label_smoothing", "adr_wa", "awp",
+            "wa"]
+CLAIM_METHODS = ("adr", "sglr", "kd_swa")
+NATURAL_PRESET = "fmnist-natural"
+TEACHER_SEED = 0   # the KD / LTD teachers are the seed-0 PGD-AT and natural runs, for every student seed
+
+FMNIST_N_TRAIN = 60000
+
+PRESETS = {
+    # The measured CPU setting: 500 training images, eps 0.1, 120 epochs (lr 0.1, /10 at 60 and 90).
+    # (240 epochs did not fit the ~80-minute budget on 2 shared cores; 60 epochs with decays at
+    # 30/45 did not overfit: PGD-AT's test PGD-20 stayed flat at 56-57 % after the first decay.)
+    "fmnist-small": {
+        "tag": "fmnist",
+        "epochs": 120, "milestones": [60, 90], "train_subset": 500, "batch_size": 128,
+        "val_size": 200,             # held-out validation images (PGD-10 every epoch picks "best")
+        "test_subset": 1000,         # fixed stratified test subset; the curve and AA use its first images
+        "curve_n": 500, "test_every": 5,
+        "aa_n": 100, "aa_params": None,     # AutoAttack standard, unmodified (n = 100: see the report)
+        "seeds": [0, 1], "jobs": 2, "checkpoint_every": 10,
+    },
+    # Everything for 2 epochs on 64 images with a reduced AutoAttack: checks the script, not the science.
+    "smoke": {
+        "tag": "smoke",
+        "epochs": 2, "milestones": [1], "train_subset": 64, "batch_size": 32,
+        "val_size": 32, "test_subset": 64, "curve_n": 64, "test_every": 1,
+        "aa_n": 16, "aa_params": {"apgd.n_iter": 5, "apgd_targeted.n_iter": 5, "fab.n_iter": 5,
+                                  "square.n_queries": 20},
+        "seeds": [0, 1], "jobs": 2, "checkpoint_every": 1,
+    },
+}
+
+
+# ----------------------------------------------------------------------------- jobs
+
+def _key(method: str, seed: int) -> str:
+    return f"{method}_s{seed}"
+
+
+def build_jobs(methods, seeds, p: dict, out: Path, data_root=None) -> list[dict]:
+    """The runs to do, in priority order, each with its dependencies (teacher runs)."""
+    wanted = list(methods)
+    need = []   # (method, seed)
+    for m in wanted:
+        for s in (seeds if m in MULTI_SEED else seeds[:1]):
+            need.append((m, s))
+    # teachers
+    if any(m in ("kd_swa", "ltd") for m, _ in need):
+        need.append(("natural", TEACHER_SEED))
+    if any(m == "kd_swa" for m, _ in need):
+        need.append(("pgd_at", TEACHER_SEED))
+    need = list(dict.fromkeys(need))
+    # seed 0 (first seed) of everything by priority, then the further seeds by priority
+    first = seeds[0]
+    need.sort(key=lambda ms: (ms[1] != first and ms[1] != TEACHER_SEED, PRIORITY.index(ms[0]), ms[1]))
+
+    common = [f"train.epochs={p['epochs']}", f"optim.milestones={json.dumps(p['milestones'])}",
+              f"data.train_subset={p['train_subset']}", f"data.batch_size={p['batch_size']}",
+              f"data.val_fraction={p['val_size'] / FMNIST_N_TRAIN!r}", f"data.test_subset={p['test_subset']}",
+              f"eval.curve_test_size={p['curve_n']}", f"eval.test_every={p['test_every']}",
+              f"train.checkpoint_every={p['checkpoint_every']}", "train.threads=1", "eval.autoattack=false"]
+    if data_root:
+        common.append(f"data.root={data_root}")
+    jobs = []
+    for m, s in need:
+        preset = NATURAL_PRESET if m == "natural" else METHODS[m]
+        ov = common + [f"train.seed={s}"]
+        deps = []
+        if m == "kd_swa":
+            deps = [_key("pgd_at", TEACHER_SEED), _key("natural", TEACHER_SEED)]
+            ov += [f"method.robust_teacher={out / deps[0]}", f"method.standard_teacher={out / deps[1]}"]
+        elif m == "ltd":
+            deps = [_key("natural", TEACHER_SEED)]
+            ov += [f"method.teacher={out / deps[0]}"]
+        jobs.append({"key": _key(m, s), "method": m, "seed": s, "preset": preset, "overrides": ov, "deps": deps,
+                     "out_dir": str(out / _key(m, s)), "aa_n": p["aa_n"], "aa_params": p["aa_params"],
+                     "curve_n": p["curve_n"]})
+    return jobs
+
+
+def _write_record(rec_path: Path, rec: dict) -> None:
+    tmp = rec_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, rec_path)
+
+
+def run_job(job: dict, phase: str = "train") -> dict:
+    """Run one task; any error comes back as a RuntimeError carrying the traceback (some
+    exceptions, e.g. the package's ConfigError, cannot be unpickled and would break the pool)."""
+    try:
+        return _run_job(job, phase)
+    except Exception as exc:
+        raise RuntimeError(f"{job['key']} ({phase}): {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from None
+
+
+def _run_job(job: dict, phase: str = "train") -> dict:
+    """``phase="train"``: train one run (or reuse / resume it) and score its best and final
+    weights with clean accuracy and PGD-20.  ``phase="aa"``: add AutoAttack on both."""
+    import torch
+
+    torch.set_num_threads(1)
+    from rb_labelrefine.config import load_config
+    from rb_labelrefine.evaluation.autoattack import run_autoattack
+    from rb_labelrefine.evaluation.pgd import clean_accuracy, pgd_accuracy
+    from rb_labelrefine.runs import RUN_FILES, load_run_model
+    from rb_labelrefine.training.trainer import Trainer, _stack
+
+    out = Path(job["out_dir"])
+    rec_path = out / "benchmark_record.json"
+    cfg = load_config(job["preset"], job["overrides"])
+    cfg.name = job["key"]
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "train.log", "a")
+
+    def log(msg):
+        logf.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+        logf.flush()
+
+    rec = None
+    if rec_path.exists():
+        rec = json.loads(rec_path.read_text())
+        if rec.get("overrides") != job["overrides"] or rec.get("preset") != job["preset"]:
+            raise RuntimeError(f"{out} holds a run with different settings; choose another --out")
+
+    if phase == "aa":
+        if rec is None:
+            raise RuntimeError(f"{out}: train it before AutoAttack")
+        if rec["best"].get("autoattack") is not None and rec["final"].get("autoattack") is not None \
+                and rec["best"].get("autoattack_n") == job["aa_n"]:
+            rec["reused"] = True
+            return rec
+        from rb_labelrefine.data import build_datasets
+
+        d = cfg.data
+        _, _, test, _ = build_datasets(d.name, root=d.root, val_fraction=d.val_fraction, train_subset=d.train_subset,
+                                       seed=d.seed, test_subset=d.test_subset)
+        x, y = _stack(test, job["aa_n"])
+        a = cfg.attack
+        aa_seconds = 0.0
+        for which in ("best", "final"):
+            model, _, _ = load_run_model(out, which)
+            t1 = time.time()
+            kw = {"attack_params": job["aa_params"]} if job["aa_params"] else {}
+            aa = run_autoattack(model, x, y, norm=a.norm, eps=a.eps, version="standard", n_ex=job["aa_n"],
+                                device="cpu", seed=0, **kw)
+            aa_seconds += time.time() - t1
+            log(f"AutoAttack on {which}: clean {aa['clean_acc']:.2f} robust {aa['robust_acc']:.2f} (n={aa['n']}, "
+                f"{time.time() - t1:.0f}s)")
+            rec[which].update({"autoattack": aa["robust_acc"], "autoattack_clean": aa["clean_acc"],
+                               "autoattack_n": aa["n"], "autoattack_per_attack": aa.get("per_attack"),
+                               "autoattack_version": aa.get("version"), "autoattack_flags": aa.get("flags")})
+        rec["autoattack_seconds"] = round(aa_seconds, 1)
+        _write_record(rec_path, rec)
+        logf.close()
+        return rec
+
+    if rec is not None:
+        rec["reused"] = True
+        return rec
+    resume = (out / RUN_FILES["checkpoint"]).exists() and not (out / RUN_FILES["summary"]).exists()
+    t0 = time.time()
+    if (out / RUN_FILES["summary"]).exists():
+        summary = json.loads((out / RUN_FILES["summary"]).read_text())
+        trainer = Trainer(cfg, out, progress=False, log=log)
+        trainer._setup()
+    else:
+        trainer = Trainer(cfg, out, resume=resume, progress=True, log=log, handle_signals=False)
+        summary = trainer.fit()
+    t_train = time.time() - t0
+    history = json.loads((out / RUN_FILES["history"]).read_text())
+
+    # score best and final on the same fixed test points (the curve's)
+    x, y = _stack(trainer.test_ds, job["curve_n"])
+    a = cfg.attack
+    scores = {}
+    for which in ("best", "final"):
+        model, _, _ = load_run_model(out, which)
+        clean = clean_accuracy(model, (x, y))
+        pgd20 = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20, norm=a.norm, seed=0)
+        log(f"{which}: clean {clean:.2f} pgd20 {pgd20:.2f} on {len(y)} test images")
+        scores[which] = {"clean": clean, "pgd20": pgd20, "autoattack": None, "autoattack_n": None}
+    scores["best"]["epoch"] = summary["best_epoch"]
+    scores["best"]["val_pgd10"] = summary["best"].get("val_pgd")
+    scores["final"]["epoch"] = summary["epochs"]
+    scores["final"]["val_pgd10"] = summary["final"].get("val_pgd")
+    curve = [{k: r.get(k) for k in ("epoch", "lr", "test_clean", "test_pgd", "val_pgd", "train_robust_acc")}
+             for r in history if r.get("test_pgd") is not None]
+    peak = max(curve, key=lambda r: r["test_pgd"]) if curve else None
+    tra = [r["train_robust_acc"] for r in history]
+    rec = {
+        "key": job["key"], "method": job["method"], "seed": job["seed"], "preset": job["preset"],
+        "overrides": job["overrides"], "run_dir": str(out),
+        "best": scores["best"], "final": scores["final"], "curve": curve,
+        "curve_peak": {"epoch": peak["epoch"], "test_pgd": peak["test_pgd"]} if peak else None,
+        "train_robust_acc": {"at_best": history[summary["best_epoch"] - 1]["train_robust_acc"]
+                             if summary["best_epoch"] >= 1 else None,
+                             "last5_mean": sum(tra[-5:]) / max(len(tra[-5:]), 1)},
+        "effective_decays": summary.get("effective_decays", {}),
+        "swa_start_epoch": (cfg.swa.start_epoch if cfg.swa.start_epoch is not None else
+                            sorted(m if m >= 1 else round(m * cfg.train.epochs) for m in cfg.optim.milestones)[0])
+        if cfg.swa.enabled else None,
+        "eval_model": summary.get("eval_model"), "attack_bn_mode": summary.get("attack_bn_mode"),
+        "steps_per_epoch": summary.get("steps_per_epoch"),
+        "train_seconds": summary.get("train_seconds"), "wall_train_seconds": round(t_train, 1),
+        "autoattack_seconds": None, "threads": torch.get_num_threads(),
+    }
+    _write_record(rec_path, rec)
+    logf.close()
+    return rec
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def _mean_std(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(records: dict, seeds) -> dict:
+    methods = {}
+    for name in METHODS:
+        recs = [records[k] for k in sorted(records) if records[k]["method"] == name]
+        if name not in MULTI_SEED:
+            recs = recs[:1] if recs else []
+            recs = [r for r in recs]
+        if not recs:
+            continue
+        entry = {"preset": METHODS[name], "label": LABELS[name], "n_seeds": len(recs),
+                 "seeds_used": [r["seed"] for r in recs]}
+        for which in ("best", "final"):
+            d = {}
+            for f in ("epoch", "clean", "pgd20", "autoattack", "val_pgd10"):
+                m, sd = _mean_std([r[which].get(f) for r in recs])
+                d[f] = m
+                if len(recs) > 1:
+                    d[f + "_std"] = sd
+            d["autoattack_n"] = next((r[which]["autoattack_n"] for r in recs if r[which].get("autoattack_n")), None)
+            d["autoattack_seeds"] = sum(1 for r in recs if r[which].get("autoattack") is not None)
+            entry[which] = d
+        # the curve: per-epoch mean over seeds
+        by_epoch = {}
+        for r in recs:
+            for c in r["curve"]:
+                by_epoch.setdefault(c["epoch"], []).append(c)
+        curve = []
+        for ep in sorted(by_epoch):
+            cs = by_epoch[ep]
+            if len(cs) != len(recs):
+                continue
+            row = {"epoch": ep}
+            for f in ("test_clean", "test_pgd", "val_pgd", "train_robust_acc"):
+                row[f], sd = _mean_std([c.get(f) for c in cs])
+                if len(recs) > 1:
+                    row[f + "_std"] = sd
+            curve.append(row)
+        entry["curve"] = curve
+        if curve:
+            pk = max(curve, key=lambda c: c["test_pgd"])
+            entry["curve_peak"] = {"epoch": pk["epoch"], "test_pgd": pk["test_pgd"],
+                                   "final_test_pgd": curve[-1]["test_pgd"]}
+        entry["effective_decays"] = recs[0]["effective_decays"]
+        entry["swa_start_epoch"] = recs[0]["swa_start_epoch"]
+        entry["eval_model"] = recs[0]["eval_model"]
+        entry["train_robust_acc"] = {k: _mean_std([r["train_robust_acc"][k] for r in recs])[0]
+                                     for k in ("at_best", "last5_mean")}
+        entry["train_seconds"] = [r["train_seconds"] for r in recs]
+        entry["autoattack_seconds"] = [r["autoattack_seconds"] for r in recs]
+        if len(recs) > 1:
+            entry["seeds"] = [{"seed": r["seed"], "run_dir": r["run_dir"], "best": r["best"], "final": r["final"],
+                               "curve_peak": r["curve_peak"], "train_robust_acc": r["train_robust_acc"]}
+                              for r in recs]
+        else:
+            entry["run_dir"] = recs[0]["run_dir"]
+            entry["seed"] = recs[0]["seed"]
+        methods[name] = entry
+    return methods
+
+
+def _fmt(d: dict, f: str) -> str:
+    v = d.get(f)
+    if v is None:
+        return "–"
+    sd = d.get(f + "_std")
+    return f"{v:.2f}" if sd is None else f"{v:.2f} ± {sd:.2f}"
+
+
+def _diff(e: dict, f: str) -> str:
+    b, fi = e["best"].get(f), e["final"].get(f)
+    if b is None or fi is None:
+        return "–"
+    return f"{fi - b:+.2f}"
+
+
+def claims(methods: dict) -> list[dict]:
+    out = []
+    base = methods.get("pgd_at")
+    if base is None:
+        return out
+    for metric in ("autoattack", "pgd20"):
+        if base["best"].get(metric) is None or base["final"].get(metric) is None:
+            continue
+        g0 = base["best"][metric] - base["final"][metric]
+        for m in CLAIM_METHODS:
+            if m not in methods:
+                continue
+            e = methods[m]
+            if e["best"].get(metric) is None or e["final"].get(metric) is None:
+                continue
+            g = e["best"][metric] - e["final"][metric]
+            out.append({"method": m, "metric": metric, "pgd_at_gap": g0, "gap": g,
+                        "halves_gap": bool(g0 > 0 and g <= 0.5 * g0),
+                        "pgd_at_final": base["final"][metric], "final": e["final"][metric],
+                        "higher_final": bool(e["final"][metric] > base["final"][metric])})
+    return out
+
+
+def render_markdown(result: dict) -> str:
+    s, methods = result["setup"], result["methods"]
+    lines = [f"# Robust overfitting on Fashion-MNIST ({s['preset']})", ""]
+    lines.append(f"Small CNN (`{s['arch']}`), {s['train_subset']} training images, {s['val_size']} validation images, "
+                 f"ℓ∞ ε = {s['eps']:.3g}, PGD-{s['train_attack_steps']} (step {s['alpha']:.4g}) in training, "
+                 f"{s['epochs']} epochs, lr {s['lr']} ÷10 at {s['milestones']}, batch {s['batch_size']} "
+                 f"({s['steps_per_epoch']} steps/epoch), attack BatchNorm mode `{s['attack_bn_mode']}`. "
+                 f"*Best* = the epoch with the highest PGD-10 accuracy on the validation split; *final* = the last "
+                 f"epoch. Clean and PGD-20 on the first {s['curve_n']} images of a fixed stratified test subset; "
+                 f"AutoAttack {s['autoattack']} on the first **n = {s['autoattack_n']}** of them "
+                 f"(standard error ≈ ±{100 * math.sqrt(0.25 / s['autoattack_n']):.1f} points at 50 %). "
+                 f"Methods marked (k seeds) show mean ± std over seeds {s['seeds']}; the others are seed "
+                 f"{s['seeds'][0]} only. Diff = final − best (negative: robust overfitting). All numbers in %.")
+    lines.append("")
+    lines.append("| Method | AA best | AA final | AA diff | Clean best | Clean final | Clean diff | "
+                 "PGD-20 best | PGD-20 final | PGD-20 diff | best epoch |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, e in methods.items():
+        lab = e["label"] + (f" ({e['n_seeds']} seeds)" if e["n_seeds"] > 1 else "")
+        ep = e["best"]["epoch"]
+        ep_s = f"{ep:.0f}" if e["n_seeds"] == 1 else ", ".join(str(r["best"]["epoch"]) for r in e["seeds"])
+        lines.append(f"| {lab} | {_fmt(e['best'], 'autoattack')} | {_fmt(e['final'], 'autoattack')} | "
+                     f"{_diff(e, 'autoattack')} | {_fmt(e['best'], 'clean')} | {_fmt(e['final'], 'clean')} | "
+                     f"{_diff(e, 'clean')} | {_fmt(e['best'], 'pgd20')} | {_fmt(e['final'], 'pgd20')} | "
+                     f"{_diff(e, 'pgd20')} | {ep_s} |")
+    lines.append("")
+    if "pgd_at" in methods:
+        b = methods["pgd_at"]
+        pk = b.get("curve_peak", {})
+        per_seed = ""
+        if b.get("seeds"):
+            per_seed = " Per seed: " + "; ".join(
+                f"seed {r['seed']}: curve peak {r['curve_peak']['test_pgd']:.1f} % at epoch {r['curve_peak']['epoch']}, "
+                f"val-best epoch {r['best']['epoch']}, final PGD-20 {r['final']['pgd20']:.1f} %" for r in b["seeds"]) + "."
+        lines.append(f"**PGD-AT robust overfitting.** On the test curve (PGD-20, every {s['test_every']} epochs, "
+                     f"mean over seeds) PGD-AT peaks at {pk.get('test_pgd', float('nan')):.1f} % at epoch "
+                     f"{pk.get('epoch')} and ends at {pk.get('final_test_pgd', float('nan')):.1f} %, while its training "
+                     f"robust accuracy goes from {b['train_robust_acc']['at_best']:.1f} % at the best epoch to "
+                     f"{b['train_robust_acc']['last5_mean']:.1f} % (mean of the last 5 epochs).{per_seed}")
+        lines.append("")
+    cl = result.get("claims", [])
+    if cl:
+        lines.append("**Claims** (gap = best − final; \"halves\" = gap ≤ ½ × PGD-AT's gap; means over seeds where "
+                     "there are several):")
+        lines.append("")
+        lines.append("| Method | metric | gap | PGD-AT gap | cuts gap by ≥ half? | final | PGD-AT final | higher final? |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for c in cl:
+            lines.append(f"| {LABELS[c['method']]} | {'AutoAttack' if c['metric'] == 'autoattack' else 'PGD-20'} | "
+                         f"{c['gap']:.2f} | {c['pgd_at_gap']:.2f} | {'yes' if c['halves_gap'] else '**no**'} | "
+                         f"{c['final']:.2f} | {c['pgd_at_final']:.2f} | {'yes' if c['higher_final'] else '**no**'} |")
+        lines.append("")
+        for m in CLAIM_METHODS:
+            aa = [c for c in cl if c["method"] == m and c["metric"] == "autoattack"]
+            if aa:
+                c = aa[0]
+                verdict = ("holds" if c["halves_gap"] and c["higher_final"] else
+                           "does not hold" if not c["halves_gap"] and not c["higher_final"] else "holds only in part")
+                lines.append(f"- {LABELS[m]}: {'cuts' if c['halves_gap'] else 'does **not** cut'} PGD-AT's AutoAttack "
+                             f"gap by at least half ({c['gap']:.2f} vs {c['pgd_at_gap']:.2f}) and "
+                             f"{'ends higher' if c['higher_final'] else 'does **not** end higher'} than PGD-AT in final "
+                             f"AutoAttack accuracy ({c['final']:.2f} vs {c['pgd_at_final']:.2f}): the claim {verdict} here.")
+        lines.append("")
+    dec = {n: e["effective_decays"] for n, e in methods.items() if e.get("effective_decays")}
+    notes = [f"Effective per-step EMA decays (paper decay ** ({s['reference_steps_per_epoch']} / "
+             f"{s['steps_per_epoch']})): " + ", ".join(f"{n}: " + ", ".join(f"{k} {v:.4f}" for k, v in d.items())
+                                                      for n, d in dec.items()) + "."]
+    swa = {n: e["swa_start_epoch"] for n, e in methods.items() if e.get("swa_start_epoch") is not None}
+    if swa:
+        notes.append("SWA starts at epoch " + ", ".join(f"{v} ({n})" for n, v in swa.items()) +
+                     " (the first lr decay); SGLR's memory is per epoch already.")
+    notes.append(f"Teachers: KD+SWA uses the seed-{TEACHER_SEED} PGD-AT run (its best checkpoint) as robust teacher "
+                 f"and a naturally trained `{NATURAL_PRESET}` run (seed {TEACHER_SEED}) as standard teacher, for every "
+                 "student seed; LTD uses the same natural teacher.")
+    if result.get("missing"):
+        notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
+    notes.append(f"Wall-clock {result['wall_clock_min']:.1f} min for {result['n_runs']} runs on {s['jobs']} one-thread "
+                 f"processes; {result['machine']}.")
+    lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for name, e in result["methods"].items():
+        c = e.get("curve") or []
+        if not c:
+            continue
+        ep = [r["epoch"] for r in c]
+        lab = e["label"] + (f" ({e['n_seeds']} seeds)" if e["n_seeds"] > 1 else "")
+        lw = 2.6 if name == "pgd_at" else 1.3
+        ax1.plot(ep, [r["test_pgd"] for r in c], label=lab, lw=lw, color="black" if name == "pgd_at" else None)
+        ax2.plot(ep, [r["test_clean"] for r in c], label=lab, lw=lw, color="black" if name == "pgd_at" else None)
+    s = result["setup"]
+    for ax, t in ((ax1, f"test PGD-20 accuracy (first {s['curve_n']} test images)"),
+                  (ax2, "test clean accuracy")):
+        for m in s["milestones"]:
+            ax.axvline(m, color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.suptitle(f"Robust overfitting, Fashion-MNIST {s['train_subset']} images, small CNN, eps {s['eps']:.3g}")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def machine_string() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPU cores (shared with other work; timings are noisy), no GPU, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()):
+    from rb_labelrefine.config import load_config
+
+    cfg = load_config(METHODS["pgd_at"], jobs[0]["overrides"] if jobs else [])
+    methods = aggregate(records, args.seeds)
+    spe = next((r["steps_per_epoch"] for r in records.values()), None)
+    setup = {
+        "preset": args.preset, "dataset": "fashion_mnist", "arch": cfg.model.arch,
+        "train_subset": p["train_subset"], "val_size": p["val_size"], "test_subset": p["test_subset"],
+        "curve_n": p["curve_n"], "test_every": p["test_every"],
+        "eps": cfg.attack.eps, "alpha": cfg.attack.alpha, "train_attack_steps": cfg.attack.steps,
+        "attack_bn_mode": cfg.attack.bn_mode, "val_attack": "PGD-10", "test_attack": "PGD-20",
+        "epochs": p["epochs"], "milestones": p["milestones"], "lr": cfg.optim.lr, "batch_size": p["batch_size"],
+        "steps_per_epoch": spe, "reference_steps_per_epoch": cfg.train.reference_steps_per_epoch,
+        "autoattack": "standard (official; APGD-CE, APGD-T, FAB-T, Square)" if not p["aa_params"]
+        else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
+        "autoattack_n": p["aa_n"], "seeds": args.seeds, "multi_seed_methods": list(MULTI_SEED),
+        "jobs": args.jobs, "threads_per_job": 1, "out": str(args.out),
+        "presets": {n: METHODS[n] for n in methods}, "teacher_preset": NATURAL_PRESET,
+        "overrides": [o for o in (jobs[0]["overrides"] if jobs else []) if not o.startswith("train.seed")],
+    }
+    result = {"setup": setup, "machine": machine_string(), "methods": methods,
+              "natural_teacher": records.get(_key("natural", TEACHER_SEED), {}).get("final"),
+              "wall_clock_min": (time.time() - t_start) / 60, "n_runs": len(records),
+              "missing": list(missing)}
+    result["claims"] = claims(methods)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    base = results_dir / f"robust_overfitting_{p['tag']}"
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", render_markdown(result))):
+        tmp = base.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, base.with_suffix(suffix))
+    try:
+        plot(result, base.with_suffix(".png"))
+    except Exception as exc:  # the table matters more than the figure
+        print(f"warning: plot failed: {exc}", file=sys.stderr)
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="fmnist-small")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel one-thread processes (default: the preset's)")
+    ap.add_argument("--out", type=Path, default=None, help="where the run directories go "
+                    "(default ./runs/robust_overfitting/<preset>)")
+    ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help=f"seeds of the multi-seed methods {list(MULTI_SEED)}; the others use the first")
+    ap.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files "
+                    "(default /usr/share/datasets/fashion-mnist)")
+    ap.add_argument("--deadline-min", type=float, default=None,
+                    help="start no new task after this many minutes (a partial table is written)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: rebuild the JSON / markdown / plot from the finished runs in --out")
+    ap.add_argument("--train-deadline-min", type=float, default=None,
+                    help="after this many minutes, AutoAttack of finished runs goes before new training")
+    args = ap.parse_args(argv)
+    p = PRESETS[args.preset]
+    args.jobs = args.jobs or p["jobs"]
+    args.seeds = args.seeds or p["seeds"]
+    args.out = (args.out or Path("runs") / "robust_overfitting" / args.preset).resolve()
+    results_dir = args.results_dir or (REPO / "benchmarks" / "results" if args.preset != "smoke" else args.out)
+
+    sys.path.insert(0, str(REPO))
+    from rb_labelrefine.data import load_fashion_mnist
+    from rb_labelrefine.data.errors import DatasetNotFoundError
+    from rb_labelrefine.data.fashion_mnist import FASHION_MNIST_ROOT
+
+    try:
+        load_fashion_mnist(args.data_root or FASHION_MNIST_ROOT)
+    except DatasetNotFoundError as exc:
+        print(f"error: Fashion-MNIST is needed for this benchmark and was not found.\n{exc}", file=sys.stderr)
+        return 2
+
+    jobs = build_jobs(args.methods, args.seeds, p, args.out, args.data_root)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    print(f"{len(jobs)} runs -> {args.out}; results -> {results_dir}", flush=True)
+    for j in jobs:
+        print(f"  {j['key']:<22} {j['preset']}" + (f"  (needs {', '.join(j['deps'])})" if j["deps"] else ""))
+
+    if args.report_only:
+        records = {}
+        for j in jobs:
+            f = Path(j["out_dir"]) / "benchmark_record.json"
+            if f.exists():
+                rec = json.loads(f.read_text())
+                if rec.get("overrides") == j["overrides"]:
+                    records[j["key"]] = rec
+        missing = [f"train:{j['key']}" for j in jobs if j["key"] not in records] + \
+            [f"aa:{j['key']}" for j in jobs if j["key"] in records and j["method"] != "natural"
+             and records[j["key"]]["final"].get("autoattack") is None]
+        starts = [(Path(j["out_dir"]) / "config.yaml").stat().st_mtime for j in jobs
+                  if (Path(j["out_dir"]) / "config.yaml").exists()]
+        # wall clock: from the first run's start to now
+        result = write_results(records, jobs, args, p, min(starts) if starts else t_start, results_dir, missing)
+        print(render_markdown(result))
+        return 0
+
+    records, failed, running = {}, {}, {}
+    # tasks: (phase, job).  Training first, by priority; AutoAttack (not for the natural teacher) after
+    # the training of the same run, and -- when --train-deadline-min is given -- the AA tasks take
+    # precedence once that time has passed, so the most important rows get AutoAttack in time.
+    pending = [("train", j) for j in jobs] + [("aa", j) for j in jobs if j["method"] != "natural"]
+    import multiprocessing as mp
+
+    def elapsed():
+        return (time.time() - t_start) / 60
+
+    def ready(phase, j):
+        if phase == "aa":
+            return j["key"] in records
+        return all(d in records for d in j["deps"])
+
+    def report(phase, j, rec):
+        b, f = rec["best"], rec["final"]
+        if phase == "train":
+            print(f"[{elapsed():5.1f} min] trained {j['key']}: best ep {b['epoch']} clean {b['clean']:.1f} pgd20 "
+                  f"{b['pgd20']:.1f} | final clean {f['clean']:.1f} pgd20 {f['pgd20']:.1f} | "
+                  f"{rec['wall_train_seconds']:.0f}s" + (" (reused)" if rec.get("reused") else ""), flush=True)
+        else:
+            print(f"[{elapsed():5.1f} min] AutoAttack {j['key']}: best {b['autoattack']:.1f} final "
+                  f"{f['autoattack']:.1f} (n={b['autoattack_n']}, {rec.get('autoattack_seconds') or 0:.0f}s)"
+                  + (" (reused)" if rec.get("reused") else ""), flush=True)
+
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        while pending or running:
+            late = args.deadline_min is not None and elapsed() > args.deadline_min
+            train_late = args.train_deadline_min is not None and elapsed() > args.train_deadline_min
+            order = ([t for t in pending if t[0] == "aa"] + [t for t in pending if t[0] == "train"]) if train_late \
+                else [t for t in pending if t[0] == "train"] + [t for t in pending if t[0] == "aa"]
+            for phase, j in order:
+                if len(running) >= args.jobs or late:
+                    break
+                if train_late and phase == "train" and any(p == "aa" and ready(p, jj) for p, jj in pending):
+                    continue
+                if any(d in failed for d in j["deps"]) or (phase == "aa" and j["key"] in failed):
+                    failed.setdefault(j["key"], "a teacher run failed")
+                    pending.remove((phase, j))
+                    continue
+                if ready(phase, j):
+                    pending.remove((phase, j))
+                    running[pool.submit(run_job, j, phase)] = (phase, j)
+                    print(f"[{elapsed():5.1f} min] start {phase} {j['key']}", flush=True)
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                phase, j = running.pop(fut)
+                try:
+                    rec = fut.result()
+                except Exception:
+                    failed[j["key"]] = traceback.format_exc()
+                    print(f"[{elapsed():5.1f} min] FAILED {phase} {j['key']}:\n{failed[j['key']]}",
+                          file=sys.stderr, flush=True)
+                    continue
+                records[j["key"]] = rec
+                report(phase, j, rec)
+                missing = [f"{p}:{x['key']}" for p, x in pending] + list(failed) + \
+                    [f"{p}:{x['key']}" for p, x in running.values()]
+                write_results(records, jobs, args, p, t_start, results_dir, missing)
+    missing = [f"{ph}:{x['key']}" for ph, x in pending] + list(failed)
+    result = write_results(records, jobs, args, p, t_start, results_dir, missing)
+    print(render_markdown(result))
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
