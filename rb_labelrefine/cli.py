@@ -45,8 +45,11 @@ def cmd_train(args) -> int:
     from .training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
+    import os
+
     summary = Trainer(cfg, args.out, resume=args.resume, progress=not args.quiet).fit()
-    print(_summary_line(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, not one per rank
+        print(_summary_line(summary))
     return EXIT_OK
 
 

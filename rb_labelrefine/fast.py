@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["AMP_DTYPES", "teacher_forward", "autocast", "FloatLogits", "make_grad_scaler", "NonFinite",
-           "NonFiniteGuard", "StepRuntime", "to_channels_last", "compile_module"]
+           "NonFiniteGuard", "StepRuntime", "compile_module"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,10 +91,6 @@ def compile_module(module: nn.Module) -> nn.Module:
     the CPU; ``aot_eager`` traces the same graphs without code generation, for tests)."""
     backend = os.environ.get("RB_LABELREFINE_COMPILE_BACKEND")
     return torch.compile(module, backend=backend) if backend else torch.compile(module)
-
-
-def to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 @dataclass

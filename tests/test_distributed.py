@@ -11,11 +11,9 @@ Rank 0 alone writes the run directory.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +29,7 @@ COMMON = ["data.name=synthetic", "data.batch_size=32", "data.val_fraction=0.125"
 # the eval PGD keeps its random start: it is the same on every rank (identical weights and RNG stream)
 RUNS = {
     "sglr_wa_awp": ("digits-sglr", COMMON + ["wa.enabled=true", "awp.enabled=true"]),
-    "trades_adr": ("digits-trades-adr", COMMON + ["attack.name=pgd"]),
+    "trades_adr": ("digits-trades-adr", COMMON + ["attack.name=pgd", "objective.beta=1.0"]),
 }
 
 WORKER = textwrap.dedent("""
