@@ -288,10 +288,14 @@ def aggregate(records: dict, seeds) -> dict:
         for which in ("best", "final"):
             d = {}
             for f in ("epoch", "clean", "pgd20", "autoattack", "val_pgd10"):
-                m, sd = _mean_std([r[which].get(f) for r in recs])
+                vals = [r[which].get(f) for r in recs]
+                m, sd = _mean_std(vals)
                 d[f] = m
-                if len(recs) > 1:
+                count = sum(v is not None for v in vals)
+                if count > 1:          # a std only over more than one measured seed
                     d[f + "_std"] = sd
+                elif len(recs) > 1 and count == 1:
+                    d[f + "_one_seed"] = True
             d["autoattack_n"] = next((r[which]["autoattack_n"] for r in recs if r[which].get("autoattack_n")), None)
             d["autoattack_seeds"] = sum(1 for r in recs if r[which].get("autoattack") is not None)
             entry[which] = d
@@ -339,6 +343,8 @@ def _fmt(d: dict, f: str) -> str:
     if v is None:
         return "–"
     sd = d.get(f + "_std")
+    if sd is None and d.get(f + "_one_seed"):
+        return f"{v:.2f} (1 seed)"
     return f"{v:.2f}" if sd is None else f"{v:.2f} ± {sd:.2f}"
 
 
