@@ -51,7 +51,7 @@ class SGLR(Rectifier):
         self.variant = variant
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.momentum, self.clean_weight = float(momentum), float(clean_weight)
-        self.start_epoch = int(start_epoch) if variant == "code" else int(start_epoch)
+        self.start_epoch = int(start_epoch)
         self.num_samples = int(num_samples)
         # memory: soft labels; `seen` marks rows initialised to onehot(y)
         self.memory = torch.zeros(num_samples, num_classes)

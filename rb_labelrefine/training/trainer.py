@@ -571,7 +571,9 @@ class Trainer:
         # sync-free non-finite check on accelerators, DDP collectives (rb_labelrefine/fast.py StepRuntime)
         rt = self._fast
         x = rt.prepare_input(x)
-        self._snapshot_step_state()
+        exact = rt.guard.per_step  # the loss is checked before the update: the state can be restored
+        if exact:
+            self._snapshot_step_state()
         with rt.autocast():
             target = self.rectifier.targets(x, y, index=idx)
             x_adv = self.objective.adversarial(rt.attack_model, x, target)  # DDP: the unwrapped module
@@ -585,8 +587,10 @@ class Trainer:
             if use_awp:
                 self.awp.restore()
             # back to exactly the state after the previous step (no update was made); the loop
-            # checkpoints it (see _save_last_good)
-            self._restore_step_state()
+            # checkpoints it (see _save_last_good).  With the deferred (accelerator) check there is
+            # no snapshot: _save_last_good keeps the existing checkpoint if the state is not finite.
+            if exact:
+                self._restore_step_state()
             raise NonFiniteLossError(f"non-finite training loss ({bad.value}) at epoch {epoch + 1}, "
                                      f"step {bad.step + 1}{bad.note}")
         self.optimizer.zero_grad(set_to_none=True)
