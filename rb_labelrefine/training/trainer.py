@@ -202,6 +202,7 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.handle_signals = handle_signals
         self._stop_signal: Optional[int] = None
+        self._finishing = False  # True once the last training step is done (final writes, AutoAttack)
         self._datasets = datasets
         self._step_bufs = None
 
@@ -445,7 +446,11 @@ class Trainer:
         if self._stop_signal is not None:  # second signal: stop now
             raise KeyboardInterrupt
         self._stop_signal = signum
-        self.log(f"received {signal.Signals(signum).name}: finishing the current step, then checkpointing")
+        if self._finishing:
+            self.log(f"received {signal.Signals(signum).name} after the last training step: stopping after the "
+                     "current write (a second signal stops at once)")
+        else:
+            self.log(f"received {signal.Signals(signum).name}: finishing the current step, then checkpointing")
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -544,6 +549,7 @@ class Trainer:
             if self._stop_signal is not None:
                 self.save_checkpoint(epoch + 1, 0)
                 self._interrupted(epoch + 1, 0)
+        self._finishing = True
         return self._finish(time.time() - t_start)
 
     def _snapshot_step_state(self):
@@ -651,6 +657,19 @@ class Trainer:
             f"{self.out / RUN_FILES['checkpoint']}. Resume with: rb-labelrefine train --config "
             f"{self.out / RUN_FILES['config']} --out {self.out} --resume")
 
+    def _stop_if_signalled_after_training(self, done: str):
+        """A signal that arrives after the last step (while the final weights are written or
+        AutoAttack runs) stops at the next safe point: the checkpoint of the last epoch is on disk,
+        so ``--resume`` skips training and only redoes this final stage."""
+        if self._stop_signal is None:
+            return
+        sig = signal.Signals(self._stop_signal).name
+        raise TrainingInterrupted(
+            f"stopped by {sig} after training finished (all {self.cfg.train.epochs} epochs; {done}); the final "
+            f"stage was not completed ({RUN_FILES['summary']} not written); resuming skips training and redoes only that "
+            f"stage. Resume with: rb-labelrefine train "
+            f"--config {self.out / RUN_FILES['config']} --out {self.out} --resume")
+
     def _end_of_epoch(self, epoch: int):
         cfg = self.cfg
         acc = self.epoch_acc
@@ -705,7 +724,9 @@ class Trainer:
     def _finish(self, elapsed: float) -> dict:
         cfg = self.cfg
         model, which = self.evaluated_model()
+        self._stop_if_signalled_after_training("nothing of the final stage written yet")
         final_path = write_weights(model, self.out / RUN_FILES["final"], self._weights_meta(cfg.train.epochs, which))
+        self._stop_if_signalled_after_training(f"final weights written to {final_path}")
         last = self.history[-1] if self.history else {}
         summary = {
             "name": cfg.name, "method": cfg.method.name, "objective": cfg.objective.name,
@@ -728,6 +749,7 @@ class Trainer:
             summary["paths"]["curves"] = str(curves)
         if cfg.eval.autoattack and is_main_process():  # [DDP hook] AutoAttack on rank 0 only
             summary["autoattack"] = self.run_autoattack()
+        self._stop_if_signalled_after_training("final weights written, evaluation done")
         atomic_write_json(self.out / RUN_FILES["summary"], summary)
         return summary
 
@@ -751,6 +773,8 @@ class Trainer:
             out[which] = res
             self.log(f"AutoAttack ({cfg.eval.autoattack_version}) on {which}: clean {res['clean_acc']:.2f}%  "
                      f"robust {res['robust_acc']:.2f}%  ({res['n']} points, {res.get('elapsed_s', 0):.0f}s)")
+            if which == "best":
+                self._stop_if_signalled_after_training("final weights written; AutoAttack done on the best weights only")
         return out
 
 
