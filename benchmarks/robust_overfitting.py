@@ -454,8 +454,15 @@ def render_markdown(result: dict) -> str:
                  "student seed; LTD uses the same natural teacher.")
     if result.get("missing"):
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
-    notes.append(f"Wall-clock {result['wall_clock_min']:.1f} min for {result['n_runs']} runs on {s['jobs']} one-thread "
-                 f"processes; {result['machine']}.")
+    c = result.get("compute_min")
+    if c:
+        notes.append(f"Compute: {c['train']:.0f} min of training and {c['autoattack']:.0f} min of AutoAttack, summed over "
+                     f"the {result['n_runs']} runs (one thread each, {s['jobs']} side by side; wall clock from the "
+                     f"first run's start to this report: {result['wall_clock_min']:.0f} min, which includes pauses "
+                     f"when the runs were spread over several invocations); {result['machine']}.")
+    else:
+        notes.append(f"Wall-clock {result['wall_clock_min']:.1f} min for {result['n_runs']} runs on {s['jobs']} "
+                     f"one-thread processes; {result['machine']}.")
     lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
@@ -534,6 +541,10 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     result = {"setup": setup, "machine": machine_string(), "methods": methods,
               "natural_teacher": records.get(_key("natural", TEACHER_SEED), {}).get("final"),
               "wall_clock_min": (time.time() - t_start) / 60, "n_runs": len(records),
+              # per-run compute (one thread each), summed: correct even when the runs were spread
+              # over several invocations (the wall clock above is then only first start -> now)
+              "compute_min": {"train": sum(r.get("wall_train_seconds") or 0 for r in records.values()) / 60,
+                              "autoattack": sum(r.get("autoattack_seconds") or 0 for r in records.values()) / 60},
               "missing": list(missing)}
     result["claims"] = claims(methods)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -570,8 +581,15 @@ def main(argv=None) -> int:
                     help="train nothing: rebuild the JSON / markdown / plot from the finished runs in --out")
     ap.add_argument("--train-deadline-min", type=float, default=None,
                     help="after this many minutes, AutoAttack of finished runs goes before new training")
+    ap.add_argument("--aa-n", type=int, default=None,
+                    help="AutoAttack on the first N images of the test subset (default: the preset's); "
+                         "runs attacked with another N are attacked again")
     args = ap.parse_args(argv)
-    p = PRESETS[args.preset]
+    p = dict(PRESETS[args.preset])
+    if args.aa_n is not None:
+        if not 1 <= args.aa_n <= p["test_subset"]:
+            ap.error(f"--aa-n must be between 1 and the preset's test subset ({p['test_subset']}), got {args.aa_n}")
+        p["aa_n"] = args.aa_n
     args.jobs = args.jobs or p["jobs"]
     args.seeds = args.seeds or p["seeds"]
     args.out = (args.out or Path("runs") / "robust_overfitting" / args.preset).resolve()

@@ -892,8 +892,10 @@ def test_kill9_at_seeded_moments_then_resume_is_bit_exact(forkserver, reference,
     for kind, arg in plan:
         log = tmp_path / f"kill{len(kills)}.log"
         start_pos = _ckpt_pos(run) if run.exists() else None
+        # slowed writes also for the fixed "delay": they stretch the run (3 epochs take ~0.5 s on an
+        # idle machine) so that the delay lands before the run ends however fast the machine is
         pid = forkserver.start(_argv(run, resume=(run / "config.yaml").exists()), log,
-                               slow=slow if kind == "temp" else None)
+                               slow=slow if kind in ("temp", "delay") else None)
         t0, t_ckpt, resumed_at, rc = time.time(), None, None, None
         while True:
             rc = forkserver.poll(pid)
