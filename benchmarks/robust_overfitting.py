@@ -29,6 +29,7 @@ import platform
 import sys
 import time
 import traceback
+from typing import Optional
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -179,8 +180,9 @@ def _run_job(job: dict, phase: str = "train") -> dict:
     if phase == "aa":
         if rec is None:
             raise RuntimeError(f"{out}: train it before AutoAttack")
-        if rec["best"].get("autoattack") is not None and rec["final"].get("autoattack") is not None \
-                and rec["best"].get("autoattack_n") == job["aa_n"]:
+        have_aa = rec["best"].get("autoattack") is not None and rec["final"].get("autoattack") is not None \
+            and rec["best"].get("autoattack_n") == job["aa_n"]
+        if have_aa and all(rec[w].get("pgd20_aa_points") is not None for w in ("best", "final")):
             rec["reused"] = True
             return rec
         from rb_labelrefine.data import build_datasets
@@ -190,6 +192,17 @@ def _run_job(job: dict, phase: str = "train") -> dict:
                                        seed=d.seed, test_subset=d.test_subset)
         x, y = _stack(test, job["aa_n"])
         a = cfg.attack
+        # PGD-20 on exactly the AutoAttack points: the curve's PGD-20 uses more images, so only this
+        # number can be compared with AutoAttack (which must not be above it: a sanity check).
+        for which in ("best", "final"):
+            model, _, _ = load_run_model(out, which)
+            rec[which]["pgd20_aa_points"] = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20,
+                                                         norm=a.norm, seed=0)
+        if have_aa:
+            rec["reused"] = True
+            _write_record(rec_path, rec)
+            logf.close()
+            return rec
         aa_seconds = 0.0
         for which in ("best", "final"):
             model, _, _ = load_run_model(out, which)
@@ -274,7 +287,21 @@ def _mean_std(vals):
     return m, sd
 
 
-def aggregate(records: dict, seeds) -> dict:
+def _aa_at_n(rec: dict, aa_n) -> dict:
+    """``rec`` with the AutoAttack fields of a checkpoint attacked at another n blanked out (a
+    table mixes no sample sizes; such runs count as not attacked yet)."""
+    if aa_n is None:
+        return rec
+    rec = dict(rec)
+    for which in ("best", "final"):
+        if rec[which].get("autoattack_n") not in (None, aa_n):
+            rec[which] = {k: v for k, v in rec[which].items() if not k.startswith("autoattack")
+                          and k != "pgd20_aa_points"}
+    return rec
+
+
+def aggregate(records: dict, seeds, aa_n=None) -> dict:
+    records = {k: _aa_at_n(r, aa_n) for k, r in records.items()}
     methods = {}
     for name in METHODS:
         recs = [records[k] for k in sorted(records) if records[k]["method"] == name]
@@ -287,7 +314,7 @@ def aggregate(records: dict, seeds) -> dict:
                  "seeds_used": [r["seed"] for r in recs]}
         for which in ("best", "final"):
             d = {}
-            for f in ("epoch", "clean", "pgd20", "autoattack", "val_pgd10"):
+            for f in ("epoch", "clean", "pgd20", "autoattack", "pgd20_aa_points", "val_pgd10"):
                 vals = [r[which].get(f) for r in recs]
                 m, sd = _mean_std(vals)
                 d[f] = m
@@ -355,7 +382,18 @@ def _diff(e: dict, f: str) -> str:
     return f"{fi - b:+.2f}"
 
 
-def claims(methods: dict) -> list[dict]:
+def _se_diff(a: float, b: float, n: int, k_a: int, k_b: int) -> float:
+    """Standard error (percent points) of the difference of two accuracies measured on n points
+    (binomial, each averaged over k seeds, treated as unpaired: conservative, since both are
+    measured on the same points)."""
+    var = lambda p, k: (p / 100) * (1 - p / 100) / (n * max(k, 1))  # noqa: E731
+    return 100 * math.sqrt(var(a, k_a) + var(b, k_b))
+
+
+def claims(methods: dict, n_points: Optional[dict] = None) -> list[dict]:
+    """Per claim method and metric: the gap, whether it halves PGD-AT's, whether the final accuracy
+    is higher, and (with ``n_points={"autoattack": n, "pgd20": n}``) the standard error of the
+    final-accuracy difference, so a "higher" within noise can be told apart."""
     out = []
     base = methods.get("pgd_at")
     if base is None:
@@ -371,10 +409,18 @@ def claims(methods: dict) -> list[dict]:
             if e["best"].get(metric) is None or e["final"].get(metric) is None:
                 continue
             g = e["best"][metric] - e["final"][metric]
-            out.append({"method": m, "metric": metric, "pgd_at_gap": g0, "gap": g,
-                        "halves_gap": bool(g0 > 0 and g <= 0.5 * g0),
-                        "pgd_at_final": base["final"][metric], "final": e["final"][metric],
-                        "higher_final": bool(e["final"][metric] > base["final"][metric])})
+            c = {"method": m, "metric": metric, "pgd_at_gap": g0, "gap": g,
+                 "halves_gap": bool(g0 > 0 and g <= 0.5 * g0),
+                 "pgd_at_final": base["final"][metric], "final": e["final"][metric],
+                 "higher_final": bool(e["final"][metric] > base["final"][metric])}
+            n = (n_points or {}).get(metric)
+            if n:
+                k = "autoattack_seeds" if metric == "autoattack" else None
+                k_m = e["final"].get(k, e["n_seeds"]) if k else e["n_seeds"]
+                k_b = base["final"].get(k, base["n_seeds"]) if k else base["n_seeds"]
+                c["final_diff_se"] = _se_diff(c["final"], c["pgd_at_final"], n, k_m, k_b)
+                c["final_diff_beyond_2se"] = bool(abs(c["final"] - c["pgd_at_final"]) > 2 * c["final_diff_se"])
+            out.append(c)
     return out
 
 
@@ -423,12 +469,21 @@ def render_markdown(result: dict) -> str:
         lines.append("**Claims** (gap = best − final; \"halves\" = gap ≤ ½ × PGD-AT's gap; means over seeds where "
                      "there are several):")
         lines.append("")
-        lines.append("| Method | metric | gap | PGD-AT gap | cuts gap by ≥ half? | final | PGD-AT final | higher final? |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| Method | metric | gap | PGD-AT gap | cuts gap by ≥ half? | final | PGD-AT final | higher final? "
+                     "| final − PGD-AT final (± SE) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for c in cl:
+            se = c.get("final_diff_se")
+            d = c["final"] - c["pgd_at_final"]
+            noise = "" if se is None else (f"{d:+.2f} ± {se:.2f}" + ("" if c["final_diff_beyond_2se"] else " (within 2 SE)"))
             lines.append(f"| {LABELS[c['method']]} | {'AutoAttack' if c['metric'] == 'autoattack' else 'PGD-20'} | "
                          f"{c['gap']:.2f} | {c['pgd_at_gap']:.2f} | {'yes' if c['halves_gap'] else '**no**'} | "
-                         f"{c['final']:.2f} | {c['pgd_at_final']:.2f} | {'yes' if c['higher_final'] else '**no**'} |")
+                         f"{c['final']:.2f} | {c['pgd_at_final']:.2f} | {'yes' if c['higher_final'] else '**no**'} | "
+                         f"{noise} |")
+        lines.append("")
+        lines.append("SE: binomial standard error of the difference of the two final accuracies (n points, averaged "
+                     "over the seeds measured), treated as unpaired -- conservative, since both are measured on the "
+                     "same points. A \"higher\" within 2 SE is not evidence either way.")
         lines.append("")
         for m in CLAIM_METHODS:
             aa = [c for c in cl if c["method"] == m and c["metric"] == "autoattack"]
@@ -436,10 +491,13 @@ def render_markdown(result: dict) -> str:
                 c = aa[0]
                 verdict = ("holds" if c["halves_gap"] and c["higher_final"] else
                            "does not hold" if not c["halves_gap"] and not c["higher_final"] else "holds only in part")
+                within = "" if c.get("final_diff_beyond_2se", True) else \
+                    f"; the difference is within 2 standard errors, SE {c['final_diff_se']:.2f}"
                 lines.append(f"- {LABELS[m]}: {'cuts' if c['halves_gap'] else 'does **not** cut'} PGD-AT's AutoAttack "
                              f"gap by at least half ({c['gap']:.2f} vs {c['pgd_at_gap']:.2f}) and "
                              f"{'ends higher' if c['higher_final'] else 'does **not** end higher'} than PGD-AT in final "
-                             f"AutoAttack accuracy ({c['final']:.2f} vs {c['pgd_at_final']:.2f}): the claim {verdict} here.")
+                             f"AutoAttack accuracy ({c['final']:.2f} vs {c['pgd_at_final']:.2f}{within}): the claim "
+                             f"{verdict} here.")
         lines.append("")
     dec = {n: e["effective_decays"] for n, e in methods.items() if e.get("effective_decays")}
     notes = [f"Effective per-step EMA decays (paper decay ** ({s['reference_steps_per_epoch']} / "
@@ -452,6 +510,20 @@ def render_markdown(result: dict) -> str:
     notes.append(f"Teachers: KD+SWA uses the seed-{TEACHER_SEED} PGD-AT run (its best checkpoint) as robust teacher "
                  f"and a naturally trained `{NATURAL_PRESET}` run (seed {TEACHER_SEED}) as standard teacher, for every "
                  "student seed; LTD uses the same natural teacher.")
+    checks = [(n, w, r["seed"], r[w]["autoattack"], r[w]["pgd20_aa_points"]) for n, e in methods.items()
+              for r in (e["seeds"] if "seeds" in e else [{"seed": e.get("seed"), **e}]) for w in ("best", "final")
+              if r[w].get("autoattack") is not None and r[w].get("pgd20_aa_points") is not None
+              and r[w].get("autoattack_n") == s["autoattack_n"]]
+    if checks:
+        bad = [c for c in checks if c[3] > c[4] + 1e-9]
+        notes.append(f"Sanity: on the same {s['autoattack_n']} points, AutoAttack accuracy ≤ PGD-20 accuracy for "
+                     f"{len(checks) - len(bad)} of {len(checks)} checkpoints; mean PGD-20 − AutoAttack "
+                     f"{sum(c[4] - c[3] for c in checks) / len(checks):.2f} points" +
+                     ("." if not bad else "; **above PGD-20**: " + ", ".join(
+                         f"{n} seed {sd} {w} ({aa:.2f} > {pg:.2f})" for n, w, sd, aa, pg in bad) + ".") +
+                     f" The PGD-20 columns use the first {s['curve_n']} images, AutoAttack the first "
+                     f"{s['autoattack_n']}, which are easier here: compare AutoAttack with PGD-20 only through "
+                     "`pgd20_aa_points` in the JSON.")
     if result.get("missing"):
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
     c = result.get("compute_min")
@@ -521,7 +593,7 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     from rb_labelrefine.config import load_config
 
     cfg = load_config(METHODS["pgd_at"], jobs[0]["overrides"] if jobs else [])
-    methods = aggregate(records, args.seeds)
+    methods = aggregate(records, args.seeds, p["aa_n"])
     spe = next((r["steps_per_epoch"] for r in records.values()), None)
     setup = {
         "preset": args.preset, "dataset": "fashion_mnist", "arch": cfg.model.arch,
@@ -546,7 +618,7 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
               "compute_min": {"train": sum(r.get("wall_train_seconds") or 0 for r in records.values()) / 60,
                               "autoattack": sum(r.get("autoattack_seconds") or 0 for r in records.values()) / 60},
               "missing": list(missing)}
-    result["claims"] = claims(methods)
+    result["claims"] = claims(methods, {"autoattack": p["aa_n"], "pgd20": p["curve_n"]})
     results_dir.mkdir(parents=True, exist_ok=True)
     base = results_dir / f"robust_overfitting_{p['tag']}"
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", render_markdown(result))):
@@ -623,7 +695,8 @@ def main(argv=None) -> int:
                     records[j["key"]] = rec
         missing = [f"train:{j['key']}" for j in jobs if j["key"] not in records] + \
             [f"aa:{j['key']}" for j in jobs if j["key"] in records and j["method"] != "natural"
-             and records[j["key"]]["final"].get("autoattack") is None]
+             and (records[j["key"]]["final"].get("autoattack") is None
+                  or records[j["key"]]["final"].get("autoattack_n") != p["aa_n"])]
         starts = [(Path(j["out_dir"]) / "config.yaml").stat().st_mtime for j in jobs
                   if (Path(j["out_dir"]) / "config.yaml").exists()]
         # wall clock: from the first run's start to now

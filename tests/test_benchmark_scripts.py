@@ -22,9 +22,23 @@ def test_robust_overfitting_smoke(tmp_path):
     for name in ("pgd_at", "adr"):
         rec = res["methods"][name]
         for which in ("best", "final"):
-            assert set(rec[which]) >= {"epoch", "clean", "pgd20", "autoattack"}
+            assert set(rec[which]) >= {"epoch", "clean", "pgd20", "autoattack", "pgd20_aa_points"}
+            # AutoAttack is never above PGD-20 on the same points (the report's sanity line)
+            assert rec[which]["autoattack"] <= rec[which]["pgd20_aa_points"] + 1e-9
         assert rec["curve"]
-    assert list((tmp_path / "results").glob("*.md")) and list((tmp_path / "results").glob("*.png"))
+    assert [c for c in res["claims"] if c["method"] == "adr" and c["metric"] == "autoattack"
+            and c["final_diff_se"] > 0]
+    md = next((tmp_path / "results").glob("*.md")).read_text()
+    assert "Sanity: on the same 16 points, AutoAttack accuracy ≤ PGD-20 accuracy for 4 of 4 checkpoints" in md
+    assert list((tmp_path / "results").glob("*.png"))
+
+
+def test_robust_overfitting_aa_n_out_of_range_is_refused(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "robust_overfitting.py"), "--preset", "smoke", "--aa-n", "0",
+           "--out", str(tmp_path / "r"), "--results-dir", str(tmp_path / "res")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--aa-n must be between 1 and" in proc.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "res").exists()
 
 
 def test_robust_overfitting_missing_data_is_a_clear_error(tmp_path):
