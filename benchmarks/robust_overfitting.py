@@ -325,6 +325,8 @@ def aggregate(records: dict, seeds, aa_n=None) -> dict:
                     d[f + "_one_seed"] = True
             d["autoattack_n"] = next((r[which]["autoattack_n"] for r in recs if r[which].get("autoattack_n")), None)
             d["autoattack_seeds"] = sum(1 for r in recs if r[which].get("autoattack") is not None)
+            if len(recs) == 1:  # per-attack accuracies of the one run (several seeds: under "seeds")
+                d["autoattack_per_attack"] = recs[0][which].get("autoattack_per_attack")
             entry[which] = d
         # the curve: per-epoch mean over seeds
         by_epoch = {}
@@ -521,17 +523,38 @@ def render_markdown(result: dict) -> str:
                      f"{sum(c[4] - c[3] for c in checks) / len(checks):.2f} points" +
                      ("." if not bad else "; **above PGD-20**: " + ", ".join(
                          f"{n} seed {sd} {w} ({aa:.2f} > {pg:.2f})" for n, w, sd, aa, pg in bad) + ".") +
+                     " PGD-20 − AutoAttack on those points (best / final; how much PGD-20 overstates robustness): " +
+                     ", ".join(f"{e['label']} {e['best']['pgd20_aa_points'] - e['best']['autoattack']:.1f} / "
+                               f"{e['final']['pgd20_aa_points'] - e['final']['autoattack']:.1f}"
+                               for e in methods.values()
+                               if all(e[w].get("pgd20_aa_points") is not None and e[w].get("autoattack") is not None
+                                      for w in ("best", "final"))) + "." +
                      f" The PGD-20 columns use the first {s['curve_n']} images, AutoAttack the first "
                      f"{s['autoattack_n']}, which are easier here: compare AutoAttack with PGD-20 only through "
                      "`pgd20_aa_points` in the JSON.")
+    beyond_ce = {}
+    for n, e in methods.items():
+        runs = e["seeds"] if "seeds" in e else [e]
+        vals = {w: [r[w]["autoattack_per_attack"]["apgd-ce"] - r[w]["autoattack"] for r in runs
+                    if (r[w].get("autoattack_per_attack") or {}).get("apgd-ce") is not None
+                    and r[w].get("autoattack") is not None] for w in ("best", "final")}
+        if vals["best"] and vals["final"]:
+            beyond_ce[e["label"]] = tuple(sum(v) / len(v) for v in (vals["best"], vals["final"]))
+    if beyond_ce:
+        notes.append("What the cross-entropy attacks miss: accuracy after APGD-CE minus the final AutoAttack "
+                     "accuracy (points removed by APGD-T/FAB-T/Square, i.e. by the DLR-loss targeted attack; best / "
+                     "final): " + ", ".join(f"{k} {b:.1f} / {f:.1f}" for k, (b, f) in beyond_ce.items()) +
+                     ". Where this is large, PGD-20 (cross-entropy) and the PGD-10 validation that picks *best* "
+                     "overstate robustness, so trust the AutoAttack columns.")
     if result.get("missing"):
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
     c = result.get("compute_min")
     if c:
         notes.append(f"Compute: {c['train']:.0f} min of training and {c['autoattack']:.0f} min of AutoAttack, summed over "
-                     f"the {result['n_runs']} runs (one thread each, {s['jobs']} side by side; wall clock from the "
-                     f"first run's start to this report: {result['wall_clock_min']:.0f} min, which includes pauses "
-                     f"when the runs were spread over several invocations); {result['machine']}.")
+                     f"the {result['n_runs']} runs (one thread each, {s['jobs']} side by side" +
+                     (f"; wall clock of the invocation that wrote this report: {result['wall_clock_min']:.0f} min, "
+                      "runs reused from earlier invocations not included" if result.get("wall_clock_min") is not None
+                      else "") + f"); {result['machine']}.")
     else:
         notes.append(f"Wall-clock {result['wall_clock_min']:.1f} min for {result['n_runs']} runs on {s['jobs']} "
                      f"one-thread processes; {result['machine']}.")
@@ -612,7 +635,8 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     }
     result = {"setup": setup, "machine": machine_string(), "methods": methods,
               "natural_teacher": records.get(_key("natural", TEACHER_SEED), {}).get("final"),
-              "wall_clock_min": (time.time() - t_start) / 60, "n_runs": len(records),
+              "wall_clock_min": (time.time() - t_start) / 60 if t_start is not None else None,
+              "n_runs": len(records),
               # per-run compute (one thread each), summed: correct even when the runs were spread
               # over several invocations (the wall clock above is then only first start -> now)
               "compute_min": {"train": sum(r.get("wall_train_seconds") or 0 for r in records.values()) / 60,
@@ -697,10 +721,8 @@ def main(argv=None) -> int:
             [f"aa:{j['key']}" for j in jobs if j["key"] in records and j["method"] != "natural"
              and (records[j["key"]]["final"].get("autoattack") is None
                   or records[j["key"]]["final"].get("autoattack_n") != p["aa_n"])]
-        starts = [(Path(j["out_dir"]) / "config.yaml").stat().st_mtime for j in jobs
-                  if (Path(j["out_dir"]) / "config.yaml").exists()]
-        # wall clock: from the first run's start to now
-        result = write_results(records, jobs, args, p, min(starts) if starts else t_start, results_dir, missing)
+        # no wall clock: the runs may come from several invocations (the compute sums stay correct)
+        result = write_results(records, jobs, args, p, None, results_dir, missing)
         print(render_markdown(result))
         return 0
 

@@ -236,3 +236,22 @@ def test_repository_template_matches_the_packaged_one():
 
     packaged = (resources.files("rb_labelrefine.export") / "templates" / "model_card.md.j2").read_text()
     assert (REPO / "model_cards" / "TEMPLATE.md").read_text() == packaged
+
+
+def test_model_card_warns_when_cross_entropy_attacks_overstate_robustness():
+    """A card says so when APGD-CE leaves >= 2 points more than the whole of AutoAttack (as for
+    the ADR models of the Fashion-MNIST benchmark), and stays quiet at the usual ~1 point."""
+    from rb_labelrefine.export.model_card import card_context
+
+    def lims(ce, final):
+        aa = {"robust_acc": final, "clean_acc": 80.0, "n": 300, "standard": True, "flags": [], "norm": "Linf",
+              "eps": 8 / 255, "version": "standard",
+              "per_attack": {"apgd-ce": ce, "apgd-t": final, "fab-t": final, "square": final}}
+        ctx = card_context(name="m", cfg={"method": {"name": "adr"}}, dataset="cifar10", threat_model="Linf",
+                           eps=8 / 255, autoattack={"best": aa, "final": aa})
+        return " ".join(ctx["limitations"])
+
+    text = lims(61.33, 56.33)
+    assert "Cross-entropy attacks overstate this model's robustness: 61.33% after APGD-CE vs 56.33%" in text
+    assert "5.00 points" in text
+    assert "Cross-entropy attacks" not in lims(57.0, 56.0)

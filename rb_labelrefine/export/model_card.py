@@ -147,6 +147,13 @@ def _machine_lines(autoattack: dict, summary: Optional[dict]) -> list[str]:
     return lines or ["not recorded"]
 
 
+# APGD-CE accuracy minus the full AutoAttack accuracy from which a card warns that cross-entropy
+# attacks (PGD, APGD-CE) overstate the model's robustness (a sign of a flat / masked CE loss;
+# ~1 point is usual for PGD-AT models, soft-label training can leave 4-6, see
+# benchmarks/results/robust_overfitting_fmnist.md).
+CE_GAP_WARN_POINTS = 2.0
+
+
 def _limitations(*, dataset, training_data_name, cfg, which, autoattack, sanity, eps, std_eps,
                  robustbench_loadable) -> list[str]:
     out = []
@@ -167,6 +174,12 @@ def _limitations(*, dataset, training_data_name, cfg, which, autoattack, sanity,
                        "upper bound.")
         if r.get("flags"):
             out.append("AutoAttack flagged the evaluation (see Results); investigate before trusting the number.")
+        ce = (r.get("per_attack") or {}).get("apgd-ce")
+        if ce is not None and r.get("robust_acc") is not None and ce - r["robust_acc"] >= CE_GAP_WARN_POINTS:
+            out.append(f"Cross-entropy attacks overstate this model's robustness: {ce:.2f}% after APGD-CE vs "
+                       f"{r['robust_acc']:.2f}% after all of AutoAttack ({ce - r['robust_acc']:.2f} points found only "
+                       "by the targeted DLR attack and the rest). PGD-CE numbers (training logs, validation-based "
+                       "checkpoint selection) are optimistic for it; compare models by AutoAttack.")
     if training_data_name != dataset:
         out.append(f"Trained on {training_data_name}, not on {dataset}: the {dataset} slot of this export is a "
                    "layout/compatibility target, not a claim about performance on that data set.")
