@@ -198,20 +198,15 @@ def _run_job(job: dict, phase: str = "train") -> dict:
                                        seed=d.seed, test_subset=d.test_subset)
         x, y = _stack(test, job["aa_n"])
         a = cfg.attack
-        # PGD-20 on exactly the AutoAttack points: the curve's PGD-20 uses more images, so only this
-        # number can be compared with AutoAttack (which must not be above it: a sanity check).
-        for which in ("best", "final"):
-            model, _, _ = load_run_model(out, which)
-            rec[which]["pgd20_aa_points"] = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20,
-                                                         norm=a.norm, seed=0)
-        if have_aa:
-            rec["reused"] = True
-            _write_record(rec_path, rec)
-            logf.close()
-            return rec
         aa_seconds = 0.0
         for which in ("best", "final"):
             model, _, _ = load_run_model(out, which)
+            # PGD-20 on exactly the AutoAttack points: the curve's PGD-20 uses more images, so only
+            # this number can be compared with AutoAttack (which must not be above it: a sanity check).
+            rec[which]["pgd20_aa_points"] = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20,
+                                                         norm=a.norm, seed=0)
+            if have_aa:  # attacked earlier at this n: only the PGD-20 above was missing
+                continue
             t1 = time.time()
             kw = {"attack_params": job["aa_params"]} if job["aa_params"] else {}
             aa = run_autoattack(model, x, y, norm=a.norm, eps=a.eps, version="standard", n_ex=job["aa_n"],
@@ -222,7 +217,10 @@ def _run_job(job: dict, phase: str = "train") -> dict:
             rec[which].update({"autoattack": aa["robust_acc"], "autoattack_clean": aa["clean_acc"],
                                "autoattack_n": aa["n"], "autoattack_per_attack": aa.get("per_attack"),
                                "autoattack_version": aa.get("version"), "autoattack_flags": aa.get("flags")})
-        rec["autoattack_seconds"] = round(aa_seconds, 1)
+        if have_aa:
+            rec["reused"] = True
+        else:
+            rec["autoattack_seconds"] = round(aa_seconds, 1)
         _write_record(rec_path, rec)
         logf.close()
         return rec
@@ -390,6 +388,12 @@ def _diff(e: dict, f: str) -> str:
     return f"{fi - b:+.2f}"
 
 
+def _runs(entry: dict) -> list[dict]:
+    """A method entry's per-run results (``seed``, ``best``, ``final``): its seeds, or the one run."""
+    return entry["seeds"] if "seeds" in entry else [{"seed": entry.get("seed"), "best": entry["best"],
+                                                     "final": entry["final"]}]
+
+
 def _se_diff(a: float, b: float, n: int, k_a: int, k_b: int) -> float:
     """Standard error (percent points) of the difference of two accuracies measured on n points
     (binomial, each averaged over k seeds, treated as unpaired: conservative, since both are
@@ -518,10 +522,10 @@ def render_markdown(result: dict) -> str:
     notes.append(f"Teachers: KD+SWA uses the seed-{TEACHER_SEED} PGD-AT run (its best checkpoint) as robust teacher "
                  f"and a naturally trained `{NATURAL_PRESET}` run (seed {TEACHER_SEED}) as standard teacher, for every "
                  "student seed; LTD uses the same natural teacher.")
+    # (aggregate() already dropped AutoAttack results at another n)
     checks = [(n, w, r["seed"], r[w]["autoattack"], r[w]["pgd20_aa_points"]) for n, e in methods.items()
-              for r in (e["seeds"] if "seeds" in e else [{"seed": e.get("seed"), **e}]) for w in ("best", "final")
-              if r[w].get("autoattack") is not None and r[w].get("pgd20_aa_points") is not None
-              and r[w].get("autoattack_n") == s["autoattack_n"]]
+              for r in _runs(e) for w in ("best", "final")
+              if r[w].get("autoattack") is not None and r[w].get("pgd20_aa_points") is not None]
     if checks:
         bad = [c for c in checks if c[3] > c[4] + 1e-9]
         notes.append(f"Sanity: on the same {s['autoattack_n']} points, AutoAttack accuracy ≤ PGD-20 accuracy for "
@@ -540,8 +544,7 @@ def render_markdown(result: dict) -> str:
                      "`pgd20_aa_points` in the JSON.")
     beyond_ce = {}
     for n, e in methods.items():
-        runs = e["seeds"] if "seeds" in e else [e]
-        vals = {w: [r[w]["autoattack_per_attack"]["apgd-ce"] - r[w]["autoattack"] for r in runs
+        vals = {w: [r[w]["autoattack_per_attack"]["apgd-ce"] - r[w]["autoattack"] for r in _runs(e)
                     if (r[w].get("autoattack_per_attack") or {}).get("apgd-ce") is not None
                     and r[w].get("autoattack") is not None] for w in ("best", "final")}
         if vals["best"] and vals["final"]:
@@ -554,16 +557,12 @@ def render_markdown(result: dict) -> str:
                      "overstate robustness, so trust the AutoAttack columns.")
     if result.get("missing"):
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
-    c = result.get("compute_min")
-    if c:
-        notes.append(f"Compute: {c['train']:.0f} min of training and {c['autoattack']:.0f} min of AutoAttack, summed over "
-                     f"the {result['n_runs']} runs (one thread each, {s['jobs']} side by side" +
-                     (f"; wall clock of the invocation that wrote this report: {result['wall_clock_min']:.0f} min, "
-                      "runs reused from earlier invocations not included" if result.get("wall_clock_min") is not None
-                      else "") + f"); {result['machine']}.")
-    else:
-        notes.append(f"Wall-clock {result['wall_clock_min']:.1f} min for {result['n_runs']} runs on {s['jobs']} "
-                     f"one-thread processes; {result['machine']}.")
+    c = result["compute_min"]
+    notes.append(f"Compute: {c['train']:.0f} min of training and {c['autoattack']:.0f} min of AutoAttack, summed over "
+                 f"the {result['n_runs']} runs (one thread each, {s['jobs']} side by side" +
+                 (f"; wall clock of the invocation that wrote this report: {result['wall_clock_min']:.0f} min, "
+                  "runs reused from earlier invocations not included" if result.get("wall_clock_min") is not None
+                  else "") + f"); {result['machine']}.")
     lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
@@ -644,7 +643,7 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
               "wall_clock_min": (time.time() - t_start) / 60 if t_start is not None else None,
               "n_runs": len(records),
               # per-run compute (one thread each), summed: correct even when the runs were spread
-              # over several invocations (the wall clock above is then only first start -> now)
+              # over several invocations (the wall clock above covers only this invocation)
               "compute_min": {"train": sum(r.get("wall_train_seconds") or 0 for r in records.values()) / 60,
                               "autoattack": sum(r.get("autoattack_seconds") or 0 for r in records.values()) / 60},
               "missing": list(missing)}

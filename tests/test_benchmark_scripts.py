@@ -48,3 +48,19 @@ def test_robust_overfitting_missing_data_is_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "nowhere" in proc.stderr + proc.stdout
+
+
+def test_robust_overfitting_table_never_mixes_autoattack_sample_sizes():
+    """A run attacked at another n (e.g. 100 before the preset moved to 300) counts as not
+    attacked: its AutoAttack fields and PGD-20-on-the-AA-points are dropped, the rest kept."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robust_overfitting", ROOT / "benchmarks" / "robust_overfitting.py")
+    ro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ro)
+    old = {"autoattack": 50.0, "autoattack_n": 100, "autoattack_per_attack": {"apgd-ce": 51.0},
+           "pgd20_aa_points": 52.0, "pgd20": 54.0, "clean": 77.0}
+    rec = {"best": dict(old), "final": dict(old, autoattack_n=300)}
+    out = ro._aa_at_n(rec, 300)
+    assert out["best"] == {"pgd20": 54.0, "clean": 77.0}
+    assert out["final"] == rec["final"] and rec["best"] == old  # the input is not modified

@@ -654,8 +654,11 @@ class Trainer:
         sig = signal.Signals(self._stop_signal).name
         raise TrainingInterrupted(
             f"stopped by {sig} at epoch {epoch + (1 if batch else 0)}, step {self.global_step}; checkpoint written to "
-            f"{self.out / RUN_FILES['checkpoint']}. Resume with: rb-labelrefine train --config "
-            f"{self.out / RUN_FILES['config']} --out {self.out} --resume")
+            f"{self.out / RUN_FILES['checkpoint']}. {self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        return (f"Resume with: rb-labelrefine train --config {self.out / RUN_FILES['config']} --out {self.out} "
+                "--resume")
 
     def _stop_if_signalled_after_training(self, done: str):
         """A signal that arrives after the last step (while the final weights are written or
@@ -667,8 +670,7 @@ class Trainer:
         raise TrainingInterrupted(
             f"stopped by {sig} after training finished (all {self.cfg.train.epochs} epochs; {done}); the final "
             f"stage was not completed ({RUN_FILES['summary']} not written); resuming skips training and redoes only that "
-            f"stage. Resume with: rb-labelrefine train "
-            f"--config {self.out / RUN_FILES['config']} --out {self.out} --resume")
+            f"stage. {self._resume_hint()}")
 
     def _end_of_epoch(self, epoch: int):
         cfg = self.cfg
