@@ -128,7 +128,8 @@ def cmd_export(args) -> int:
     p = Path(args.checkpoint)
     if p.is_file():
         p = p.parent
-    written = export_run(p, args.out, name=args.name, which=args.which, threat_model=args.threat_model)
+    written = export_run(p, args.out, name=args.name, which=args.which, threat_model=args.threat_model,
+                         overwrite=args.overwrite)
     for k, v in written.items():
         print(f"{k:14s} {v}")
     return EXIT_OK
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--name", default=None, help="RobustBench-style model name")
     x.add_argument("--which", choices=("best", "final"), default="best")
     x.add_argument("--threat-model", default="Linf", choices=("Linf", "L2"))
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (as a whole); without it a non-empty --out is refused")
     x.set_defaults(func=cmd_export)
 
     lb = sub.add_parser("leaderboard", help="where a result ranks on the (shipped, dated) RobustBench leaderboard")

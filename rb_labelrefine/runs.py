@@ -16,13 +16,25 @@ safetensors metadata.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 __all__ = ["RUN_FILES", "load_run_config", "load_run_model", "build_model_for", "read_weights",
-           "write_weights", "info_from_metadata", "info_to_metadata"]
+           "write_weights", "info_from_metadata", "info_to_metadata", "check_name", "load_state_checked",
+           "NAME_RE", "NAME_MAX"]
+
+# Model and data-set names become file names, path components, model-zoo keys and Python string
+# literals in generated code, so one strict pattern covers them all, wherever they come from
+# (--name, a config, a weights file's metadata): no separators, dots, quotes, spaces or escapes.
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+NAME_MAX = 100
+# Range checks for a weights file's data_info: a crafted file must not make the loader build a
+# network with a billion outputs before the shapes are compared.
+_INFO_LIMITS = {"num_classes": 100_000, "channels": 64, "image_size": 4096}
 
 RUN_FILES = {
     "config": "config.yaml",
@@ -81,17 +93,86 @@ def read_weights(path) -> tuple[dict, dict]:
     return state, meta
 
 
-def info_from_metadata(meta: dict):
+def check_name(value, field: str) -> str:
+    """``value`` if it is a valid model / data-set name (see ``NAME_RE``), else ``ValueError``
+    naming ``field``."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ValueError(f"{field}: {shown} is not a valid name: it must start with a letter and use only letters, "
+                         "digits, '_' and '-' (it becomes a file name and a model-zoo key), e.g. "
+                         "'Author2026_Method_Arch'")
+    if len(value) > NAME_MAX:
+        raise ValueError(f"{field}: the name has {len(value)} characters; at most {NAME_MAX} are allowed")
+    return value
+
+
+def _int_field(d: dict, key: str, where: str) -> int:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{where}: data_info.{key} must be an integer, got {v!r}"
+                         + (" (missing)" if key not in d else ""))
+    if not 1 <= v <= _INFO_LIMITS[key]:
+        raise ValueError(f"{where}: data_info.{key} must be in [1, {_INFO_LIMITS[key]}], got {v}")
+    return v
+
+
+def _stats_field(d: dict, key: str, channels: int, where: str) -> tuple:
+    v = d.get(key)
+    if (not isinstance(v, list) or len(v) not in (1, channels)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+        raise ValueError(f"{where}: data_info.{key} must be a list of 1 or {channels} finite numbers, got {v!r}")
+    if key == "std" and not all(x > 0 for x in v):
+        raise ValueError(f"{where}: data_info.std must be positive, got {v}")
+    return tuple(float(x) for x in v)
+
+
+def info_from_metadata(meta: dict, where: str = "the weights file"):
     """The :class:`~rb_labelrefine.data.DataInfo` a weights file was trained for (stored in its
-    metadata, so loading a model never needs the data set)."""
+    metadata, so loading a model never needs the data set).
+
+    The metadata is untrusted input: every field is type- and range-checked and the name is
+    checked like a model name; errors name ``where`` (the file) and the field.
+    """
     from .data import DataInfo
 
     if "data_info" not in meta:
-        raise ValueError("the weights file has no 'data_info' metadata (not written by rb_labelrefine?)")
-    d = json.loads(meta["data_info"])
-    return DataInfo(name=d["name"], num_classes=int(d["num_classes"]), channels=int(d["channels"]),
-                    image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                    source=d.get("source", ""))
+        raise ValueError(f"{where} has no 'data_info' metadata (not written by rb_labelrefine?)")
+    try:
+        d = json.loads(meta["data_info"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: metadata data_info is not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: metadata data_info must be a JSON object, got {type(d).__name__}")
+    name = check_name(d.get("name"), f"{where}: data_info.name")
+    num_classes, channels, image_size = (_int_field(d, k, where) for k in ("num_classes", "channels", "image_size"))
+    source = d.get("source", "")
+    if not isinstance(source, str):
+        raise ValueError(f"{where}: data_info.source must be a string, got {type(source).__name__}")
+    return DataInfo(name=name, num_classes=num_classes, channels=channels, image_size=image_size,
+                    mean=_stats_field(d, "mean", channels, where), std=_stats_field(d, "std", channels, where),
+                    source=source)
+
+
+def load_state_checked(model: torch.nn.Module, state: dict, where: str, arch: str) -> torch.nn.Module:
+    """``model.load_state_dict(state)``, refusing with the keys that differ (missing, unexpected,
+    or of another shape) rather than torch's message, whose first line names none."""
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} is {tuple(state[k].shape)}, {arch} has {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing:
+        problems.append(f"missing keys {missing[:3]}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:3]}"
+                        + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
+    if shapes:
+        problems.append("; ".join(shapes[:3]) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""))
+    if problems:
+        raise ValueError(f"{where} does not match {arch}: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return model
 
 
 def info_to_metadata(info) -> str:
@@ -109,12 +190,8 @@ def load_run_model(run_dir, which: str = "best", device="cpu"):
         raise ValueError(f"which must be 'best' or 'final', got {which!r}")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    state, meta = read_weights(run_dir / RUN_FILES[which])
-    info = info_from_metadata(meta)
-    model = build_model_for(cfg, info)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{run_dir / RUN_FILES[which]} does not match {cfg.model.arch}: "
-                         f"{str(exc).splitlines()[0]}") from None
+    path = run_dir / RUN_FILES[which]
+    state, meta = read_weights(path)
+    info = info_from_metadata(meta, str(path))
+    model = load_state_checked(build_model_for(cfg, info), state, str(path), cfg.model.arch)
     return model.to(device).eval(), cfg, info

@@ -221,7 +221,7 @@ def test_export_validates_names_and_threat_models(exported, tmp_path):
         export_run(run, tmp_path / "b", dataset="cifar10", threat_model="Linfty")
     with pytest.raises(ValueError, match="Linf and L2"):
         export_run(run, tmp_path / "c", dataset="cifar10", threat_model="corruptions")
-    with pytest.raises(ValueError, match="model name"):
+    with pytest.raises(ValueError, match="--name: .bad name!. is not a valid name"):
         export_run(run, tmp_path / "d", dataset="cifar10", name="bad name!")
     with pytest.raises(ValueError, match=r"needs 3x32x32 and 100 classes"):
         export_run(run, tmp_path / "e", dataset="cifar100")

@@ -155,7 +155,7 @@ CE_GAP_WARN_POINTS = 2.0
 
 
 def _limitations(*, dataset, training_data_name, cfg, which, autoattack, sanity, eps, std_eps,
-                 robustbench_loadable) -> list[str]:
+                 robustbench_loadable, zoo_note=None) -> list[str]:
     out = []
     r = autoattack.get(which)
     full = FULL_TEST_SIZE.get(dataset)
@@ -188,6 +188,8 @@ def _limitations(*, dataset, training_data_name, cfg, which, autoattack, sanity,
         out.append(f"Trained on a subset of {subset} training images (small-data regime).")
     if not robustbench_loadable:
         out.append(f"RobustBench has no {dataset} benchmark; robustbench.utils.load_model cannot load this export.")
+    if zoo_note:
+        out.append(zoo_note)
     if not sanity:
         out.append("Gradient-masking sanity checks were not run for this card.")
     elif not sanity.get("passed"):
@@ -231,8 +233,11 @@ def _front_matter(*, name, dataset, threat_model, eps, method_tag, objective, re
 def card_context(*, name: str, cfg: dict, dataset: str, threat_model: str, eps, which: str = "best",
                  autoattack: Optional[dict] = None, sanity: Optional[dict] = None, summary: Optional[dict] = None,
                  curves: Optional[str] = None, training_data: Optional[str] = None,
-                 robustbench_loadable: bool = True, license: str = "mit", std_eps=None) -> dict:
+                 robustbench_loadable: bool = True, license: str = "mit", std_eps=None,
+                 zoo_note: Optional[str] = None) -> dict:
     """Everything the template needs, computed from the inputs only.
+
+    ``zoo_note`` (from the exporter) says when the model-zoo entry cannot go to RobustBench as it is.
 
     ``cfg`` is the run's config as a dict; ``autoattack`` maps ``best``/``final`` to results of
     :func:`~rb_labelrefine.evaluation.run_autoattack` or
@@ -281,7 +286,7 @@ def card_context(*, name: str, cfg: dict, dataset: str, threat_model: str, eps, 
         "sanity_md": format_sanity_markdown(sanity),
         "limitations": _limitations(dataset=dataset, training_data_name=training_data, cfg=cfg, which=which,
                                     autoattack=autoattack, sanity=sanity, eps=eps, std_eps=std_eps,
-                                    robustbench_loadable=robustbench_loadable),
+                                    robustbench_loadable=robustbench_loadable, zoo_note=zoo_note),
         "machine": _machine_lines(autoattack, summary),
         "generated": _dt.date.today().isoformat(),
     }

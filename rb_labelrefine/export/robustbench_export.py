@@ -5,6 +5,7 @@
     out_dir/models/<dataset>/<threat_model>/<Name>.pt        weights, as robustbench.utils.load_model reads them
     out_dir/model_info/<dataset>/<threat_model>/<Name>.json  exactly the fields of robustbench.utils.ModelInfo
     out_dir/model_zoo_entry.py                              the (Name, {'model': ..., 'gdrive_id': ...}) tuple
+                                                            (RobustBench datasets only)
     out_dir/<Name>.safetensors                              the same weights, self-describing (load_exported)
     out_dir/export.json                                     what was exported from where, with which numbers
     out_dir/README.md                                       the model card (+ curves.png when the run has one)
@@ -17,42 +18,65 @@ means for the file:
 * ``checkpoint['state_dict']`` if present, else the dict itself, then
   ``rm_substr_from_state_dict(sd, 'module.')`` and ``rm_substr_from_state_dict(sd, 'model.')``,
   which cut the first 7 / 6 characters of *every key that contains the substring anywhere*.
-  Our models are :class:`~rb_labelrefine.models.NormalizedModel` with keys ``mean``, ``std``,
-  ``model.*``; stored as is, ``model.`` would be cut and the keys would no longer match.  So
-  the ``.pt`` stores every key with one extra ``model.`` prefix, which RobustBench removes again.
-  The exporter runs RobustBench's own functions on the keys and refuses to write a file whose
-  keys would not come back unchanged (e.g. a timm model with a submodule named ``module``);
+  The network is stored as RobustBench's own ``normalize_model(net, mean, std)`` holds it
+  (``normalize.mean``, ``normalize.std``, ``model.*``: the input normalisation is a layer of the
+  model), every key with one extra ``model.`` prefix, which RobustBench removes again. The
+  exporter runs RobustBench's own functions on the keys and refuses to write a file whose keys
+  would not come back unchanged (e.g. a timm model with a submodule named ``module``);
 * an entry whose ``gdrive_id`` is ``None`` is refused ("has no gdrive_id specified"), so the
   generated entry carries an empty string: with the ``.pt`` in ``model_dir`` nothing is
   downloaded; put the real Google Drive id there after uploading.
 
-Nothing here unpickles: weights are read with safetensors or ``torch.load(weights_only=True)``.
+A run directory is untrusted input, like a checkpoint. Nothing here unpickles (weights are read
+with safetensors or ``torch.load(weights_only=True)``), and nothing generated is executed: the
+zoo entry holds only validated names and Python literals of plain data, is checked by parsing
+it back (``ast``), and the model it describes is checked by building that description in-process
+and loading the ``.pt`` through ``robustbench.utils.load_model``. Every file is written into a
+temporary sibling of ``out_dir`` and moved into place at the end, so an export never mixes two
+exports' files, never writes into the run it exports, and never writes outside ``out_dir``.
 """
 from __future__ import annotations
 
+import ast
+import ctypes
 import dataclasses
 import datetime as _dt
+import errno
+import hashlib
 import json
+import keyword
+import math
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ..runs import RUN_FILES, info_from_metadata, info_to_metadata, load_run_config, read_weights
+from ..runs import (NAME_MAX, NAME_RE, RUN_FILES, check_name, info_from_metadata, info_to_metadata,
+                    load_run_config, load_state_checked, read_weights)
 from .citations import METHOD_INFO, method_label
 from .model_card import arch_title, card_context, render_model_card
 
-__all__ = ["export_run", "load_exported", "default_name", "read_pt_state_dict", "MANIFEST", "NAME_RE",
-           "PT_PREFIX"]
+__all__ = ["export_run", "load_exported", "default_name", "read_pt_state_dict", "ExportError", "MANIFEST",
+           "NAME_RE", "PT_PREFIX"]
 
 MANIFEST = "export.json"
 PT_PREFIX = "model."
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
-_FORMAT = "rb_labelrefine.export/1"
+_FORMAT = "rb_labelrefine.export/2"
+# /1 stored the .pt in NormalizedModel's layout (mean, std, model.*); /2 in normalize_model's.
+_READABLE_FORMATS = ("rb_labelrefine.export/1", _FORMAT)
 _ZOO_PLACEHOLDER_ID = ""
+_NORMALIZE_MODULE = "robustbench.model_zoo.architectures.utils_architectures"
+# registry names and timm:<name>; they appear in generated code and file names
+_ARCH_RE = re.compile(r"^(timm:)?[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class ExportError(ValueError):
+    """Bad input to the exporter; the message names the argument, file or field (CLI exit 2)."""
 
 
 # ----------------------------------------------------------------------------- names
@@ -64,11 +88,55 @@ def default_name(cfg, year: Optional[int] = None) -> str:
     return f"RBLabelRefine{year}_{method_label(cfg.method.name, cfg.objective.name)}_{arch}"
 
 
-def _check_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
-        raise ValueError(f"model name {name!r} must start with a letter and use only letters, digits, '_' and '-' "
-                         "(it becomes a file name and a model-zoo key), e.g. 'Author2026_Method_Arch'")
-    return name
+def _check_arch(arch, field: str) -> str:
+    if not isinstance(arch, str) or not _ARCH_RE.match(arch) or len(arch) > NAME_MAX:
+        raise ExportError(f"{field}: {str(arch)[:60]!r} is not an architecture name (a registered model or "
+                          f"'timm:<name>': letters, digits, '_', '-', '.', at most {NAME_MAX} characters)")
+    return arch
+
+
+def _check_plain(value, field: str, depth: int = 0) -> None:
+    """Plain data only: what ``repr`` writes as a literal that ``ast.literal_eval`` reads back."""
+    t = type(value)   # exact types: a subclass could override __repr__
+    if depth > 8:
+        raise ExportError(f"{field}: nested too deeply")
+    if value is None or t in (bool, int, str):
+        return
+    if t is float:
+        if not math.isfinite(value):
+            raise ExportError(f"{field}: must be a finite number, got {value!r}")
+        return
+    if t in (list, tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{field}[{i}]", depth + 1)
+        return
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                raise ExportError(f"{field}: keys must be strings, got {k!r}")
+            _check_plain(v, f"{field}.{k}", depth + 1)
+        return
+    raise ExportError(f"{field}: a {t.__name__} value cannot be written into the model-zoo entry "
+                      "(plain str/int/float/bool/None and lists/dicts of them only)")
+
+
+def _literal(value, field: str) -> str:
+    """``value`` as Python source that can only evaluate to that same value."""
+    _check_plain(value, field)
+    text = repr(value)
+    if ast.literal_eval(text) != value:   # e.g. -0.0 vs 0.0 compare equal; anything else is a bug
+        raise ExportError(f"{field}: {text[:60]} does not read back as the same value")
+    return text
+
+
+def _check_kwargs(kwargs, field: str) -> dict:
+    if type(kwargs) is not dict:
+        raise ExportError(f"{field}: must be a mapping, got {type(kwargs).__name__}")
+    for k in kwargs:
+        if type(k) is not str or not k.isidentifier() or keyword.iskeyword(k) or k.startswith("__"):
+            raise ExportError(f"{field}: key {str(k)[:60]!r} is not a valid Python keyword-argument name")
+    _check_plain(kwargs, field)
+    return dict(kwargs)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -93,17 +161,42 @@ def _resolve_target(dataset: Optional[str], run_dataset: str, threat_model: str)
         return run_dataset, threat_model, False
 
 
-def _normalise_results(autoattack, which: str) -> dict:
+def _normalise_results(autoattack, which: str, where: str = "autoattack") -> dict:
     if autoattack is None:
         return {}
     if not isinstance(autoattack, dict):
-        raise TypeError("autoattack must be a result dict or {'best': result, 'final': result}")
+        raise ExportError(f"{where} must be a result dict or {{'best': result, 'final': result}}")
     if "robust_acc" in autoattack or "clean_acc" in autoattack:
-        return {which: autoattack}
-    unknown = set(autoattack) - {"best", "final"}
-    if unknown:
-        raise ValueError(f"autoattack keys must be 'best'/'final' (or pass one result dict); got {sorted(unknown)}")
-    return {k: v for k, v in autoattack.items() if v}
+        results = {which: autoattack}
+    else:
+        unknown = set(autoattack) - {"best", "final"}
+        if unknown:
+            raise ExportError(f"{where} keys must be 'best'/'final' (or pass one result dict); got "
+                              f"{sorted(map(str, unknown))}")
+        results = {k: v for k, v in autoattack.items() if v}
+    for k, r in results.items():
+        _check_result(r, f"{where}.{k}" if r is not autoattack else where)
+    return results
+
+
+def _check_result(r, where: str) -> None:
+    """The numbers an evaluation contributes to the card and model_info: type- and range-checked."""
+    if not isinstance(r, dict):
+        raise ExportError(f"{where} must be a result dict, got {type(r).__name__}")
+
+    def number(key, lo, hi):
+        v = r.get(key)
+        if v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            raise ExportError(f"{where}.{key} must be a number in [{lo}, {hi}], got {v!r}")
+
+    number("clean_acc", 0, 100)
+    number("robust_acc", 0, 100)
+    number("eps", 0, math.inf)
+    n = r.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ExportError(f"{where}.n must be a positive integer, got {n!r}")
 
 
 def _check_result_threat(results: dict, threat_model: str, eps: Optional[float]) -> Optional[float]:
@@ -127,23 +220,34 @@ def _check_result_threat(results: dict, threat_model: str, eps: Optional[float])
 
 # ----------------------------------------------------------------------------- weights
 
+def _rb_layout(state: dict) -> dict:
+    """NormalizedModel's keys (``mean``, ``std``, ``model.*``) -> ``normalize_model``'s
+    (``normalize.mean``, ``normalize.std``, ``model.*``)."""
+    return {(f"normalize.{k}" if k in ("mean", "std") else k): v for k, v in state.items()}
+
+
+def _from_rb_layout(state: dict) -> dict:
+    return {(k[len("normalize."):] if k in ("normalize.mean", "normalize.std") else k): v for k, v in state.items()}
+
+
 def _pt_state(state: dict) -> dict:
-    return {PT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {PT_PREFIX + k: v.detach().contiguous().cpu() for k, v in _rb_layout(state).items()}
 
 
-def _check_robustbench_keys(pt_state: dict, original: dict) -> None:
-    """Run RobustBench's own key rewriting and require the original keys back."""
+def _check_robustbench_keys(pt_state: dict) -> None:
+    """Run RobustBench's own key rewriting and require normalize_model's keys back."""
     from ..compat.robustbench import import_robustbench
 
     import_robustbench()
     from robustbench.utils import rm_substr_from_state_dict
 
-    back = rm_substr_from_state_dict(rm_substr_from_state_dict(pt_state, "module."), "model.")
-    if list(back) != list(original):
-        bad = [k for k, b in zip(original, back) if k != b][:3]
-        raise ValueError("robustbench.utils.load_model would rename some weights of this model (it cuts 'module.'/"
-                         f"'model.' wherever they occur in a key), e.g. {bad}; the export would not load. Rename the "
-                         "offending submodules.")
+    want = [k[len(PT_PREFIX):] for k in pt_state]
+    back = list(rm_substr_from_state_dict(rm_substr_from_state_dict(pt_state, "module."), "model."))
+    if back != want:
+        bad = [k for k, b in zip(want, back) if k != b][:3]
+        raise ExportError("robustbench.utils.load_model would rename some weights of this model (it cuts 'module.'/"
+                          f"'model.' wherever they occur in a key), e.g. {bad}; the export would not load. Rename the "
+                          "offending submodules.")
 
 
 def read_pt_state_dict(path) -> dict:
@@ -153,7 +257,7 @@ def read_pt_state_dict(path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError and friends: never fall back to full pickle
         raise ValueError(f"refusing to load {path}: it is not a plain tensor state dict "
-                         f"(torch.load(weights_only=True) said: {str(exc).splitlines()[0]})") from None
+                         f"(torch.load(weights_only=True) said: {(str(exc).splitlines() or [''])[0]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
@@ -162,50 +266,179 @@ def read_pt_state_dict(path) -> dict:
 
 
 def _write_safetensors(state: dict, path: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path),
-              metadata={k: str(v) for k, v in meta.items()})
+    # save() + an ordinary write: save_file() creates the file 0600, unlike the export's other files
+    path.write_bytes(save({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                          metadata={k: str(v) for k, v in meta.items()}))
 
 
 # ----------------------------------------------------------------------------- zoo entry
 
-def _zoo_source(name: str, dataset: str, threat_model: str, arch: str, kwargs: dict, info, loadable: bool) -> str:
-    call_args = (f"{arch!r}, num_classes={info.num_classes}, in_channels={info.channels}, "
-                 f"image_size={info.image_size},\n                                 mean={tuple(info.mean)!r}, "
-                 f"std={tuple(info.std)!r}")
-    if kwargs:
-        call_args += "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    extra = "    'preprocessing': 'Res256Crop224',\n" if dataset == "imagenet" else ""
-    note = "" if loadable else (f"# NOTE: RobustBench has no '{dataset}' benchmark; this entry documents the model "
-                                "but robustbench.utils.load_model cannot use it.\n")
-    return f'''"""RobustBench model-zoo entry for {name} (generated by rb_labelrefine).
+@dataclasses.dataclass(frozen=True)
+class _ZooSpec:
+    """What ``model_zoo_entry.py`` builds, as data:
+    ``normalize_model(<callee>(*args, **kwargs), mean, std)`` with ``callee`` and the
+    :class:`ArchRef` arguments imported from ``module``."""
+    module: str
+    callee: str
+    args: tuple
+    kwargs: dict
+    mean: tuple
+    std: tuple
+    native: bool      # RobustBench's own architecture code: the entry imports only robustbench
 
-Paste ENTRY into the {threat_model} list of robustbench/model_zoo/{dataset}.py, or register it at run time::
+    def build(self) -> nn.Module:
+        """The model the entry describes, built in-process from this data (not from the file)."""
+        import importlib
+
+        from ..compat.robustbench import import_robustbench
+        from ..models.robustbench_archs import ArchRef
+
+        import_robustbench()
+        from robustbench.model_zoo.architectures.utils_architectures import normalize_model
+
+        m = importlib.import_module(self.module)
+        args = [getattr(m, a.name) if isinstance(a, ArchRef) else a for a in self.args]
+        return normalize_model(getattr(m, self.callee)(*args, **self.kwargs), self.mean, self.std)
+
+    def as_read(self, name: str) -> dict:
+        """What :func:`_read_zoo_entry` must find in the file written from this spec."""
+        from ..models.robustbench_archs import ArchRef
+
+        names = [self.callee] + [a.name for a in self.args if isinstance(a, ArchRef)]
+        return {"name": name, "imports": {"normalize_model": _NORMALIZE_MODULE, **{n: self.module for n in names}},
+                "callee": self.callee, "args": list(self.args), "kwargs": dict(self.kwargs),
+                "mean": tuple(self.mean), "std": tuple(self.std), "gdrive_id": _ZOO_PLACEHOLDER_ID}
+
+
+def _zoo_spec(arch: str, kwargs: dict, info) -> _ZooSpec:
+    from ..models.robustbench_archs import robustbench_call
+
+    if len(info.mean) != 3 or len(info.std) != 3:
+        # RobustBench's ImageNormalizer holds exactly one mean/std per RGB channel
+        raise ExportError(f"the weights' data_info has {len(info.mean)} mean and {len(info.std)} std values; a "
+                          "RobustBench model-zoo entry needs one per RGB channel (3)")
+    mean, std = tuple(info.mean), tuple(info.std)
+    call = robustbench_call(arch, num_classes=info.num_classes, in_channels=info.channels,
+                            image_size=info.image_size, **kwargs)
+    if call is not None:
+        return _ZooSpec(f"robustbench.model_zoo.architectures.{call.module}", call.cls, tuple(call.args),
+                        dict(call.kwargs), mean, std, native=True)
+    return _ZooSpec("rb_labelrefine.models", "create_model", (arch,),
+                    {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size,
+                     **kwargs}, mean, std, native=False)
+
+
+def _zoo_source(name: str, dataset: str, threat_model: str, arch: str, spec: _ZooSpec) -> str:
+    """The entry's source. Interpolated as text: only names matching NAME_RE / _ARCH_RE and the
+    fixed module names; every value is a checked literal (:func:`_literal`)."""
+    from .. import __version__
+    from ..models.robustbench_archs import ArchRef
+
+    args = [a.name if isinstance(a, ArchRef) else _literal(a, "model_zoo_entry argument") for a in spec.args]
+    args += [f"{k}={_literal(v, f'model.kwargs.{k}')}" for k, v in spec.kwargs.items()]
+    refs = [a.name for a in spec.args if isinstance(a, ArchRef)]
+    imports = sorted([(_NORMALIZE_MODULE, ["normalize_model"]), (spec.module, [spec.callee] + refs)])
+    if spec.native:
+        about = (f"Architecture: RobustBench's own {spec.callee} ({spec.module}), with the input normalisation\n"
+                 "the model was trained with as RobustBench's normalize_model layer. The file imports only\n"
+                 "robustbench, so ENTRY can go into a RobustBench \"[New Model]\" pull request as it is: add it\n"
+                 f"(and the imports) to the {threat_model} list of robustbench/model_zoo/{dataset}.py.")
+    else:
+        about = (f"Architecture: RobustBench has no {arch} architecture (robustbench.model_zoo.architectures\n"
+                 "holds WideResNet, PreActResNet, ResNet and others, not this one), so this entry builds the\n"
+                 "network with rb_labelrefine (pip install rb-labelrefine) and cannot go into a RobustBench\n"
+                 "pull request as it is: a \"[New Model]\" submission needs the architecture's code added to\n"
+                 "robustbench/model_zoo/architectures first.")
+    doc = f'''RobustBench model-zoo entry for {name} (generated by rb_labelrefine {__version__}).
+
+{about}
+
+Register it at run time and load the exported weights:
 
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-    model_dicts[BenchmarkDataset({dataset!r})][ThreatModel({threat_model!r})][ENTRY[0]] = ENTRY[1]
+    model_dicts[BenchmarkDataset('{dataset}')][ThreatModel('{threat_model}')][ENTRY[0]] = ENTRY[1]
 
     from robustbench.utils import load_model
-    model = load_model({name!r}, model_dir="models", dataset={dataset!r}, threat_model={threat_model!r})
+    model = load_model('{name}', model_dir='models', dataset='{dataset}', threat_model='{threat_model}')
 
 load_model refuses an entry whose gdrive_id is None. While models/{dataset}/{threat_model}/{name}.pt
 exists under model_dir it reads that file and downloads nothing; after uploading the .pt, put its
 Google Drive id here.
-"""
-{note}from rb_labelrefine.models import build_model
-
-ENTRY = ({name!r}, {{
-    'model': lambda: build_model({call_args}),
-    'gdrive_id': {_ZOO_PLACEHOLDER_ID!r},
-{extra}}})
 '''
+    body = "\n".join(f"from {m} import {', '.join(names)}" for m, names in imports)
+    model = (f"normalize_model(\n        {spec.callee}({', '.join(args)}),\n"
+             f"        {_literal(spec.mean, 'data_info.mean')}, {_literal(spec.std, 'data_info.std')})")
+    return (f'"""{doc}"""\n{body}\n\nENTRY = ({name!r}, {{\n    \'model\': lambda: {model},\n'
+            f"    'gdrive_id': {_ZOO_PLACEHOLDER_ID!r},\n}})\n")
 
 
-def _verify_with_robustbench(entry, name: str, model_dir: Path, dataset: str, threat_model: str,
+def _read_zoo_entry(source: str) -> dict:
+    """The data a ``model_zoo_entry.py`` holds, read with ``ast`` (never executed).
+
+    The file must be a docstring, ``from <module> import <names>`` lines and exactly
+    ``ENTRY = (<str>, {'model': lambda: normalize_model(<name>(<names or literals>, <k>=<literal>...),
+    <literal>, <literal>), 'gdrive_id': <str>})``; anything else raises ``ValueError``.
+    """
+    from ..models.robustbench_archs import ArchRef
+
+    def bad(what):
+        return ValueError(f"model_zoo_entry.py is not a plain model-zoo entry: {what}")
+
+    tree = ast.parse(source)
+    body = list(tree.body)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body.pop(0)
+    imports: dict = {}
+    while body and isinstance(body[0], ast.ImportFrom):
+        node = body.pop(0)
+        if node.level or not node.module:
+            raise bad("relative import")
+        for alias in node.names:
+            if alias.asname or alias.name == "*" or alias.name in imports:
+                raise bad(f"import of {alias.name!r}")
+            imports[alias.name] = node.module
+    if (len(body) != 1 or not isinstance(body[0], ast.Assign) or len(body[0].targets) != 1
+            or not isinstance(body[0].targets[0], ast.Name) or body[0].targets[0].id != "ENTRY"):
+        raise bad("expected one assignment 'ENTRY = ...' after the imports")
+    value = body[0].value
+    if not isinstance(value, ast.Tuple) or len(value.elts) != 2 or not isinstance(value.elts[1], ast.Dict):
+        raise bad("ENTRY must be (name, {...})")
+    name = ast.literal_eval(value.elts[0])
+    d = value.elts[1]
+    if [ast.literal_eval(k) if k is not None else None for k in d.keys] != ["model", "gdrive_id"]:
+        raise bad("the dict must have exactly the keys 'model' and 'gdrive_id'")
+    lam, gdrive = d.values
+    a = lam.args if isinstance(lam, ast.Lambda) else None
+    if a is None or a.posonlyargs or a.args or a.kwonlyargs or a.vararg or a.kwarg or a.defaults:
+        raise bad("'model' must be a lambda without arguments")
+    call = lam.body
+
+    def is_call_of(node, names):
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+
+    if (not is_call_of(call, {"normalize_model"}) or imports.get("normalize_model") != _NORMALIZE_MODULE
+            or len(call.args) != 3 or call.keywords):
+        raise bad("'model' must return normalize_model(net, mean, std)")
+    net = call.args[0]
+    if not is_call_of(net, set(imports) - {"normalize_model"}):
+        raise bad("the network must be built by a call of an imported name")
+    args = [ArchRef(n.id) if isinstance(n, ast.Name) and n.id in imports else ast.literal_eval(n) for n in net.args]
+    if any(k.arg is None for k in net.keywords):
+        raise bad("**kwargs in the network call")
+    return {"name": name, "imports": imports, "callee": net.func.id, "args": args,
+            "kwargs": {k.arg: ast.literal_eval(k.value) for k in net.keywords},
+            "mean": ast.literal_eval(call.args[1]), "std": ast.literal_eval(call.args[2]),
+            "gdrive_id": ast.literal_eval(gdrive)}
+
+
+def _verify_with_robustbench(build, name: str, model_dir: Path, dataset: str, threat_model: str,
                              reference: nn.Module, input_shape: tuple) -> None:
-    """Load the export with robustbench.utils.load_model itself; outputs must equal the original's."""
+    """Load the ``.pt`` with robustbench.utils.load_model itself, through an entry whose model is
+    ``build``; outputs must equal the original's."""
     from ..compat.robustbench import import_robustbench
 
     import_robustbench()
@@ -215,7 +448,7 @@ def _verify_with_robustbench(entry, name: str, model_dir: Path, dataset: str, th
 
     zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
     previous = zoo.get(name)
-    zoo[name] = entry
+    zoo[name] = {"model": build, "gdrive_id": _ZOO_PLACEHOLDER_ID}
     try:
         loaded = load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
     finally:
@@ -237,13 +470,134 @@ def _check_same_outputs(reference: nn.Module, loaded: nn.Module, how: str, input
         raise RuntimeError(f"the export loaded through {how} does not reproduce the original model's outputs")
 
 
+# ----------------------------------------------------------------------------- the output directory
+
+def _resolved(path: Path, field: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:   # RuntimeError: a symlink loop (Python < 3.13)
+        raise ExportError(f"{field}: {path} cannot be resolved ({exc})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _existing_export(out: Path) -> Optional[dict]:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") in _READABLE_FORMATS else None
+
+
+def _edited_files(out: Path, manifest: dict) -> list:
+    edited = []
+    for rel, digest in (manifest.get("sha256") or {}).items():
+        p = out / str(rel)
+        if _inside(out, p) and (not p.is_file() or _sha256(p) != digest):
+            edited.append(str(rel))
+    return edited
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (RuntimeError, OSError):
+        return False
+
+
+def _check_out(run_dir: Path, out: Path, overwrite: bool) -> Path:
+    """The resolved ``out``, after refusing every target that is, holds or lies in the run, that is
+    not a directory, or that is a non-empty directory (without ``overwrite``, or not an export)."""
+    run_r, out_r = _resolved(run_dir, "--checkpoint"), _resolved(out, "--out")
+    never = "an export never writes into a run directory; choose a new --out"
+    if out_r == run_r:
+        raise ExportError(f"--out: {out} is the run directory {run_dir}; {never}")
+    if out_r.is_relative_to(run_r):
+        raise ExportError(f"--out: {out} is inside the run directory {run_dir}; {never}")
+    if run_r.is_relative_to(out_r):
+        raise ExportError(f"--out: {out} contains the run directory {run_dir}; {never}")
+    if out.is_symlink() and not out_r.exists():
+        raise ExportError(f"--out: {out} is a symlink to {out_r}, which does not exist")
+    if out_r.exists():
+        if not out_r.is_dir():
+            raise ExportError(f"--out: {out} exists and is not a directory")
+        if any(out_r.iterdir()):
+            manifest = _existing_export(out_r)
+            if manifest is None:
+                raise ExportError(f"--out: {out} is not empty and holds no rb_labelrefine export ({MANIFEST} missing "
+                                  "or unreadable); choose a new or empty directory (--overwrite replaces only an "
+                                  "earlier export)")
+            if not overwrite:
+                edited = _edited_files(out_r, manifest)
+                raise ExportError(f"--out: {out} already holds the export {manifest.get('name')!r}"
+                                  + (f" (edited since it was written: {', '.join(edited)})" if edited else "")
+                                  + "; pass --overwrite to replace the whole export, or choose a new --out")
+    return out_r
+
+
+def _staging_dir(out: Path) -> Path:
+    """A new, empty sibling of ``out`` (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = out.parent / f".{out.name}.{os.urandom(4).hex()}.partial"
+        try:
+            os.mkdir(tmp)          # default mode (umask applies), unlike mkdtemp's 0700
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging directory next to {out}")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system has no such call."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Make the complete staged export ``out``. An existing ``out`` (empty, or an export being
+    overwritten) is exchanged with it in one step where the system allows, else renamed aside
+    first; either way ``out`` never holds a mix of two exports."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp)        # now the previous export
+        return
+    old = tmp.with_name(tmp.name[:-len(".partial")] + ".old")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old)
+
+
 # ----------------------------------------------------------------------------- export
 
 def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "best", threat_model: str = "Linf",
                eps: Optional[float] = None, autoattack: Optional[dict] = None, sanity: Optional[dict] = None,
                dataset: Optional[str] = None, authors: Optional[str] = None, link: Optional[str] = None,
                venue: Optional[str] = None, additional_data: bool = False, license: str = "mit",
-               verify: bool = True) -> dict:
+               verify: bool = True, overwrite: bool = False) -> dict:
     """Export ``run_dir``'s ``best`` or ``final`` weights to ``out_dir`` (see the module docstring).
 
     Args:
@@ -260,22 +614,40 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
         sanity: a :func:`~rb_labelrefine.evaluation.sanity_report` result for the card.
         dataset: the RobustBench dataset slot (``cifar10``/``cifar100``/``imagenet``). Default: the
             run's data set; runs on other data sets are exported in the same layout, marked as not
-            loadable by RobustBench.
+            loadable by RobustBench (and without a model-zoo entry).
         authors, link, venue, additional_data: ModelInfo fields (never guessed).
-        verify: load the written files back (through ``robustbench.utils.load_model`` for
-            RobustBench datasets, else through :func:`load_exported`) and require identical outputs.
+        verify: load the written files back (through :func:`load_exported`, and for RobustBench
+            datasets through ``robustbench.utils.load_model``) and require identical outputs.
+        overwrite: replace an earlier export in ``out_dir`` (as a whole, in one step). Without it
+            a non-empty ``out_dir`` is refused; with it, one that holds no export still is.
 
-    Returns a dict of the written paths.
+    ``out_dir`` must not be, contain or lie inside ``run_dir``. Returns a dict of the written paths.
+    Bad input raises :class:`ExportError` (a ``ValueError``) naming the argument, file or field,
+    before anything is written.
     """
     from ..evaluation.robustbench_eval import DEFAULT_EPS
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if which not in ("best", "final"):
-        raise ValueError(f"which must be 'best' or 'final', got {which!r}")
-    weights_path = run_dir / RUN_FILES[which]
+        raise ExportError(f"which must be 'best' or 'final', got {which!r}")
+    if not run_dir.exists():
+        raise FileNotFoundError(f"--checkpoint: {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ExportError(f"--checkpoint: {run_dir} is not a run directory")
+    if name is not None:
+        check_name(name, "--name")
+    out = _check_out(run_dir, out_dir, overwrite)
+
     cfg = load_run_config(run_dir)
+    cfg_file = run_dir / RUN_FILES["config"]
+    arch = _check_arch(cfg.model.arch, f"{cfg_file}: model.arch")
+    kwargs = _check_kwargs(cfg.model.kwargs or {}, f"{cfg_file}: model.kwargs")
+    weights_path = run_dir / RUN_FILES[which]
     state, meta = read_weights(weights_path)
-    info = info_from_metadata(meta)
+    info = info_from_metadata(meta, str(weights_path))
+    epoch = meta.get("epoch")
+    if epoch is not None and not re.fullmatch(r"\d{1,9}", epoch):
+        raise ExportError(f"{weights_path}: metadata epoch must be a non-negative integer, got {epoch[:60]!r}")
     ds, tm, loadable = _resolve_target(dataset, info.name, threat_model)
     if loadable:
         from ..evaluation.robustbench_eval import DATASETS
@@ -283,14 +655,17 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
         expected = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32)}.get(ds)
         got = (info.num_classes, info.channels, info.image_size)
         if expected and got != expected:
-            raise ValueError(f"the model takes {got[1]}x{got[2]}x{got[2]} images with {got[0]} classes, but "
-                             f"RobustBench's {ds} needs {expected[1]}x{expected[2]}x{expected[2]} and {expected[0]} "
-                             f"classes (RobustBench datasets: {list(DATASETS)})")
-    summary = _read_json(run_dir / RUN_FILES["summary"])
+            raise ExportError(f"the model takes {got[1]}x{got[2]}x{got[2]} images with {got[0]} classes, but "
+                              f"RobustBench's {ds} needs {expected[1]}x{expected[2]}x{expected[2]} and {expected[0]} "
+                              f"classes (RobustBench datasets: {list(DATASETS)})")
+        if info.channels != 3:
+            raise ExportError(f"the model takes {info.channels}-channel images; RobustBench's {ds} is RGB")
+    summary = _read_summary(run_dir / RUN_FILES["summary"])
     if autoattack is None and summary and summary.get("autoattack"):
         # The trainer's own end-of-run AutoAttack (eval.autoattack=true), measured on this run.
-        autoattack = summary["autoattack"]
-    results = _normalise_results(autoattack, which)
+        results = _normalise_results(summary["autoattack"], which, f"{run_dir / RUN_FILES['summary']}: autoattack")
+    else:
+        results = _normalise_results(autoattack, which)
     measured_eps = _check_result_threat(results, tm, eps)
     if eps is None:
         eps = measured_eps
@@ -300,98 +675,104 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
         else:
             eps = DEFAULT_EPS.get((ds, tm))
     if eps is None or not eps > 0:
-        raise ValueError(f"pass eps: no evaluation, training attack or RobustBench default gives one for {ds}/{tm}")
-    name = _check_name(name or default_name(cfg))
+        raise ExportError(f"pass eps: no evaluation, training attack or RobustBench default gives one for {ds}/{tm}")
+    name = check_name(name or default_name(cfg), "--name" if name else "the default model name (pass --name)")
 
     from ..models import build_model
-
-    arch, kwargs = cfg.model.arch, dict(cfg.model.kwargs or {})
 
     def build():
         return build_model(arch, num_classes=info.num_classes, in_channels=info.channels,
                            image_size=info.image_size, mean=info.mean, std=info.std, **kwargs)
 
-    model = build()
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{weights_path} does not match {arch}: {str(exc).splitlines()[0]}") from None
+        model = build()
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{cfg_file}: model.arch {arch!r} with model.kwargs {kwargs} cannot be built "
+                          f"for the weights' data_info: {exc}") from None
+    load_state_checked(model, state, str(weights_path), arch)
     model.eval()
     input_shape = (info.channels, info.image_size, info.image_size)
 
     pt_state = _pt_state(state)
+    spec = zoo_source = None
     if loadable:
-        _check_robustbench_keys(pt_state, state)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict = {}
-    pt_path = out_dir / "models" / ds / tm / f"{name}.pt"
-    pt_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(pt_state, pt_path)
-    written["weights_pt"] = pt_path
-
-    st_path = out_dir / f"{name}.safetensors"
-    epoch = meta.get("epoch")
-    st_meta = {"format": _FORMAT, "name": name, "arch": arch, "model_kwargs": json.dumps(kwargs),
-               "data_info": info_to_metadata(info), "dataset": ds, "threat_model": tm, "eps": repr(float(eps)),
-               "which": which, "method": cfg.method.name, "objective": cfg.objective.name}
-    if epoch is not None:
-        st_meta["epoch"] = epoch
-    _write_safetensors(state, st_path, st_meta)
-    written["safetensors"] = st_path
-
-    result = results.get(which)
-    model_info = _model_info(ds, eps, result, cfg, info, arch, kwargs, authors, link, venue, additional_data,
-                             loadable)
-    mi_path = out_dir / "model_info" / ds / tm / f"{name}.json"
-    mi_path.parent.mkdir(parents=True, exist_ok=True)
-    mi_path.write_text(json.dumps(model_info, indent=2) + "\n")
-    written["model_info"] = mi_path
-
-    zoo_path = out_dir / "model_zoo_entry.py"
-    zoo_path.write_text(_zoo_source(name, ds, tm, arch, kwargs, info, loadable))
-    written["zoo_entry"] = zoo_path
-
-    curves = None
-    if (run_dir / RUN_FILES["curves"]).is_file():
-        shutil.copyfile(run_dir / RUN_FILES["curves"], out_dir / "curves.png")
-        curves = "curves.png"
-        written["curves"] = out_dir / "curves.png"
+        _check_robustbench_keys(pt_state)
+        spec = _zoo_spec(arch, kwargs, info)
+        zoo_source = _zoo_source(name, ds, tm, arch, spec)
+        if _read_zoo_entry(zoo_source) != spec.as_read(name):
+            raise RuntimeError("the generated model_zoo_entry.py does not read back as the model it describes")
 
     from ..config import config_to_dict
 
+    curves_src = run_dir / RUN_FILES["curves"]
+    has_curves = (curves_src.is_file() and not curves_src.is_symlink()
+                  and curves_src.open("rb").read(8) == b"\x89PNG\r\n\x1a\n")
     std_eps = DEFAULT_EPS.get((ds, tm)) if loadable else None
+    zoo_note = None
+    if spec is not None and not spec.native:
+        zoo_note = (f"RobustBench has no {arch} architecture: model_zoo_entry.py builds the network with "
+                    "rb_labelrefine, so the entry cannot go into a RobustBench pull request as it is (the "
+                    "architecture's code would have to be added to robustbench/model_zoo/architectures).")
     context = card_context(name=name, cfg=config_to_dict(cfg), dataset=ds, threat_model=tm, eps=eps, which=which,
-                           autoattack=results, sanity=sanity, summary=summary, curves=curves,
-                           training_data=info.name, robustbench_loadable=loadable, license=license,
-                           std_eps=std_eps)
-    card_path = out_dir / "README.md"
-    card_path.write_text(render_model_card(context))
-    written["model_card"] = card_path
+                           autoattack=results, sanity=sanity, summary=summary,
+                           curves="curves.png" if has_curves else None, training_data=info.name,
+                           robustbench_loadable=loadable, license=license, std_eps=std_eps, zoo_note=zoo_note)
+    card = render_model_card(context)
+    model_info = _model_info(ds, eps, results.get(which), cfg, info, arch, kwargs, authors, link, venue,
+                             additional_data, loadable)
 
-    manifest = {
-        "format": _FORMAT, "name": name, "dataset": ds, "threat_model": tm, "eps": float(eps),
-        "robustbench_loadable": loadable, "which": which, "epoch": epoch,
-        "source": {"run_dir": str(run_dir.resolve()), "weights": str(weights_path.resolve())},
-        "arch": arch, "model_kwargs": kwargs, "data_info": json.loads(info_to_metadata(info)),
-        "method": cfg.method.name, "objective": cfg.objective.name,
-        "evaluations": results, "sanity": sanity,
-        "files": {k: str(v.relative_to(out_dir)) for k, v in written.items()},
-        "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    man_path = out_dir / MANIFEST
-    man_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    written["manifest"] = man_path
+    rel = {"weights_pt": Path("models", ds, tm, f"{name}.pt"), "safetensors": Path(f"{name}.safetensors"),
+           "model_info": Path("model_info", ds, tm, f"{name}.json")}
+    if zoo_source is not None:
+        rel["zoo_entry"] = Path("model_zoo_entry.py")
+    if has_curves:
+        rel["curves"] = Path("curves.png")
+    rel["model_card"] = Path("README.md")
 
-    if verify:
-        _check_same_outputs(model, load_exported(st_path), "load_exported(.safetensors)", input_shape)
-        _check_same_outputs(model, load_exported(pt_path), "load_exported(.pt)", input_shape)
-        if loadable:
-            import runpy
-
-            entry = runpy.run_path(str(zoo_path))["ENTRY"]
-            _verify_with_robustbench(entry[1], name, out_dir / "models", ds, tm, model, input_shape)
-    return written
+    tmp = _staging_dir(out)
+    try:
+        paths = {k: tmp / r for k, r in rel.items()}
+        for p in paths.values():
+            if not _inside(tmp, p):   # names are validated; this guards the invariant itself
+                raise RuntimeError(f"refusing to write {p} outside the export directory")
+            p.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(pt_state, paths["weights_pt"])
+        st_meta = {"format": _FORMAT, "name": name, "arch": arch, "model_kwargs": json.dumps(kwargs),
+                   "data_info": info_to_metadata(info), "dataset": ds, "threat_model": tm, "eps": repr(float(eps)),
+                   "which": which, "method": cfg.method.name, "objective": cfg.objective.name}
+        if epoch is not None:
+            st_meta["epoch"] = epoch
+        _write_safetensors(state, paths["safetensors"], st_meta)
+        paths["model_info"].write_text(json.dumps(model_info, indent=2) + "\n")
+        if zoo_source is not None:
+            paths["zoo_entry"].write_text(zoo_source)
+        if has_curves:
+            shutil.copyfile(curves_src, paths["curves"])
+        paths["model_card"].write_text(card)
+        manifest = {
+            "format": _FORMAT, "name": name, "dataset": ds, "threat_model": tm, "eps": float(eps),
+            "robustbench_loadable": loadable,
+            "robustbench_architecture": None if spec is None else spec.native,
+            "which": which, "epoch": None if epoch is None else int(epoch),
+            "source": {"run_dir": str(run_dir.resolve()), "weights": str(weights_path.resolve())},
+            "arch": arch, "model_kwargs": kwargs, "data_info": json.loads(info_to_metadata(info)),
+            "method": cfg.method.name, "objective": cfg.objective.name,
+            "evaluations": results, "sanity": sanity,
+            "files": {k: str(r) for k, r in rel.items()},
+            "sha256": {str(r): _sha256(paths[k]) for k, r in rel.items()},
+            "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if verify:
+            _check_same_outputs(model, load_exported(paths["safetensors"]), "load_exported(.safetensors)", input_shape)
+            _check_same_outputs(model, load_exported(paths["weights_pt"]), "load_exported(.pt)", input_shape)
+            if spec is not None:
+                _verify_with_robustbench(spec.build, name, tmp / "models", ds, tm, model, input_shape)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**{k: out_dir / r for k, r in rel.items()}, "manifest": out_dir / MANIFEST}
 
 
 def _model_info(ds, eps, result, cfg, info, arch, kwargs, authors, link, venue, additional_data, loadable) -> dict:
@@ -446,13 +827,17 @@ def _acc_str(result: Optional[dict], key: str) -> Optional[str]:
     return str(round(float(result[key]), 2))
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_summary(path: Path) -> Optional[dict]:
+    """The run's summary.json (optional); present but unreadable or not an object is refused."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ----------------------------------------------------------------------------- loading
@@ -462,16 +847,24 @@ def _manifest_for(path: Path) -> dict:
     candidates = [path / MANIFEST] if path.is_dir() else [p / MANIFEST for p in list(path.parents)[:4]]
     for c in candidates:
         if c.is_file():
-            return json.loads(c.read_text())
+            try:
+                manifest = json.loads(c.read_text())
+            except ValueError as exc:
+                raise ExportError(f"{c} is not valid JSON ({exc})") from None
+            if not isinstance(manifest, dict) or manifest.get("format") not in _READABLE_FORMATS:
+                raise ExportError(f"{c} is not an rb_labelrefine export manifest (format "
+                                  f"{str(manifest.get('format') if isinstance(manifest, dict) else None)[:40]!r})")
+            return manifest
     raise FileNotFoundError(f"no {MANIFEST} found for {path}: pass the export directory or its .safetensors file")
 
 
 def load_exported(path: Union[str, Path], device="cpu") -> nn.Module:
-    """Rebuild an exported model (eval mode, inputs in [0, 1]) without unpickling anything.
+    """Rebuild an exported model (eval mode, inputs in [0, 1]) without unpickling or executing anything.
 
     ``path`` is the export directory, its ``<Name>.safetensors`` (self-describing), or the
     RobustBench ``.pt`` inside the export (read with ``torch.load(weights_only=True)``; the
-    architecture comes from ``export.json``).
+    architecture comes from ``export.json``). Like a run directory, an export from elsewhere is
+    untrusted: its metadata is validated before anything is built.
     """
     from ..models import build_model
     from ..runs import read_weights as _read
@@ -481,28 +874,40 @@ def load_exported(path: Union[str, Path], device="cpu") -> nn.Module:
         raise FileNotFoundError(f"export not found: {path}")
     if path.is_dir():
         manifest = _manifest_for(path)
-        path = path / manifest["files"]["safetensors"]
+        st_name = (manifest.get("files") or {}).get("safetensors")
+        if not isinstance(st_name, str) or not st_name.endswith(".safetensors"):
+            raise ExportError(f"{path / MANIFEST}: files.safetensors must name the export's .safetensors file")
+        check_name(st_name[:-len(".safetensors")], f"{path / MANIFEST}: files.safetensors")
+        path = path / st_name
     if path.suffix == ".safetensors":
         state, meta = _read(path)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} was not written by rb_labelrefine's exporter (metadata format "
-                             f"{meta.get('format')!r}); for a run's weights use rb_labelrefine.runs.load_run_model")
-        arch, kwargs = meta["arch"], json.loads(meta.get("model_kwargs") or "{}")
-        info = info_from_metadata(meta)
+        if meta.get("format") not in _READABLE_FORMATS:
+            raise ExportError(f"{path} was not written by rb_labelrefine's exporter (metadata format "
+                              f"{str(meta.get('format'))[:40]!r}); for a run's weights use "
+                              "rb_labelrefine.runs.load_run_model")
+        arch = _check_arch(meta.get("arch"), f"{path}: metadata arch")
+        try:
+            kwargs = json.loads(meta.get("model_kwargs") or "{}")
+        except ValueError as exc:
+            raise ExportError(f"{path}: metadata model_kwargs is not valid JSON ({exc})") from None
+        info = info_from_metadata(meta, str(path))
     elif path.suffix == ".pt":
         raw = read_pt_state_dict(path)
         manifest = _manifest_for(path)
         if any(not k.startswith(PT_PREFIX) for k in raw):
-            raise ValueError(f"{path}: expected every key to start with {PT_PREFIX!r} (the export's convention)")
+            raise ExportError(f"{path}: expected every key to start with {PT_PREFIX!r} (the export's convention)")
         state = {k[len(PT_PREFIX):]: v for k, v in raw.items()}
-        arch, kwargs = manifest["arch"], manifest.get("model_kwargs") or {}
-        info = info_from_metadata({"data_info": json.dumps(manifest["data_info"])})
+        if manifest["format"] != "rb_labelrefine.export/1":
+            state = _from_rb_layout(state)
+        arch = _check_arch(manifest.get("arch"), f"{path}: {MANIFEST} arch")
+        kwargs = manifest.get("model_kwargs") or {}
+        info = info_from_metadata({"data_info": json.dumps(manifest.get("data_info"))}, f"{path}: {MANIFEST}")
     else:
-        raise ValueError(f"{path}: expected an export directory, a .safetensors or a .pt file")
-    model = build_model(arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size,
-                        mean=info.mean, std=info.std, **kwargs)
+        raise ExportError(f"{path}: expected an export directory, a .safetensors or a .pt file")
+    kwargs = _check_kwargs(kwargs, f"{path}: model_kwargs")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path} does not match {arch}: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval()
+        model = build_model(arch, num_classes=info.num_classes, in_channels=info.channels,
+                            image_size=info.image_size, mean=info.mean, std=info.std, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{path}: {arch!r} with model_kwargs {kwargs} cannot be built: {exc}") from None
+    return load_state_checked(model, state, str(path), arch).to(device).eval()

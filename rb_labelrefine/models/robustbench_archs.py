@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
 
 from .registry import register_model
 
-__all__ = ["preact_resnet18", "resnet18", "wrn", "wrn_28_10", "wrn_34_10", "wrn_70_16"]
+__all__ = ["preact_resnet18", "resnet18", "wrn", "wrn_28_10", "wrn_34_10", "wrn_70_16", "robustbench_call",
+           "RobustBenchCall", "ArchRef"]
 
 
 def _architectures(module: str):
@@ -51,6 +53,68 @@ def _adapt_stem(model: nn.Module, in_channels: int, he_fan_out: bool = False) ->
     return model
 
 
+@dataclass(frozen=True)
+class ArchRef:
+    """A class of the architecture's module passed as an argument (``PreActBlock``, ``BasicBlock``)."""
+    name: str
+
+
+@dataclass(frozen=True)
+class RobustBenchCall:
+    """How RobustBench's own code builds a network: ``<cls>(*args, **kwargs)`` from
+    ``robustbench.model_zoo.architectures.<module>``.
+
+    The registered builders below construct every network through one of these, so a model-zoo
+    entry written from it (see :mod:`rb_labelrefine.export`) builds exactly the trained network.
+    """
+    module: str
+    cls: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        m = _architectures(self.module)
+        args = [getattr(m, a.name) if isinstance(a, ArchRef) else a for a in self.args]
+        return getattr(m, self.cls)(*args, **self.kwargs)
+
+
+def _preact_call(num_classes: int, **kwargs) -> RobustBenchCall:
+    return RobustBenchCall("resnet", "PreActResNet", (ArchRef("PreActBlock"), [2, 2, 2, 2]),
+                           {"num_classes": num_classes, **kwargs})
+
+
+def _resnet_call(num_classes: int) -> RobustBenchCall:
+    return RobustBenchCall("resnet", "ResNet", (ArchRef("BasicBlock"), [2, 2, 2, 2]), {"num_classes": num_classes})
+
+
+def _wrn_call(num_classes: int, depth: int = 28, width: int = 10, widen_factor: Optional[int] = None,
+              drop_rate: float = 0.0, **kwargs) -> RobustBenchCall:
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, 34, 70, ...), got {depth}")
+    return RobustBenchCall("wide_resnet", "WideResNet", (),
+                           {"depth": depth, "num_classes": num_classes, "widen_factor": widen_factor or width,
+                            "dropRate": drop_rate, **kwargs})
+
+
+def _fixed_wrn(depth: int, width: int):
+    return lambda num_classes, **kwargs: _wrn_call(num_classes, depth=depth, width=width, **kwargs)
+
+
+_CALLS = {"preact_resnet18": _preact_call, "resnet18": _resnet_call, "wrn": _wrn_call,
+          "wrn_28_10": _fixed_wrn(28, 10), "wrn_34_10": _fixed_wrn(34, 10), "wrn_70_16": _fixed_wrn(70, 16)}
+
+
+def robustbench_call(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                     **kwargs) -> Optional[RobustBenchCall]:
+    """RobustBench's own constructor call for a registered architecture, or ``None`` when the
+    network is not one of RobustBench's (another architecture, or a stem adapted to
+    ``in_channels != 3``, or an image size its pooling does not fit)."""
+    fn = _CALLS.get(arch)
+    if fn is None or in_channels != 3 or image_size != 32:
+        return None
+    return fn(num_classes, **kwargs)
+
+
 @register_model
 def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
     """PreAct-ResNet-18 (He et al. 2016), RobustBench's ``PreActResNet`` (11.2M params).
@@ -58,16 +122,14 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int
     ``kwargs`` (``bn_before_fc``, ``out_shortcut``) go to RobustBench's class.
     """
     _check_size("preact_resnet18", image_size)
-    m = _architectures("resnet")
-    return _adapt_stem(m.PreActResNet(m.PreActBlock, [2, 2, 2, 2], num_classes=num_classes, **kwargs), in_channels)
+    return _adapt_stem(_preact_call(num_classes, **kwargs).build(), in_channels)
 
 
 @register_model
 def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """ResNet-18 in its CIFAR form (3x3 stem, no max-pool), RobustBench's ``ResNet`` (11.2M params)."""
     _check_size("resnet18", image_size)
-    m = _architectures("resnet")
-    return _adapt_stem(m.ResNet(m.BasicBlock, [2, 2, 2, 2], num_classes=num_classes), in_channels)
+    return _adapt_stem(_resnet_call(num_classes).build(), in_channels)
 
 
 @register_model
@@ -79,11 +141,8 @@ def wrn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, depth
     Other ``kwargs`` (``sub_block1``, ``bias_last``) go to RobustBench's class.
     """
     _check_size(f"wrn-{depth}-{widen_factor or width}", image_size)
-    if depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, 34, 70, ...), got {depth}")
-    m = _architectures("wide_resnet")
-    net = m.WideResNet(depth=depth, num_classes=num_classes, widen_factor=widen_factor or width,
-                       dropRate=drop_rate, **kwargs)
+    net = _wrn_call(num_classes, depth=depth, width=width, widen_factor=widen_factor, drop_rate=drop_rate,
+                    **kwargs).build()
     return _adapt_stem(net, in_channels, he_fan_out=True)
 
 
