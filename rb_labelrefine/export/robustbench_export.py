@@ -631,7 +631,7 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
     if which not in ("best", "final"):
         raise ExportError(f"which must be 'best' or 'final', got {which!r}")
     if not run_dir.exists():
-        raise FileNotFoundError(f"--checkpoint: {run_dir} does not exist")
+        raise ExportError(f"--checkpoint: {run_dir} does not exist")
     if not run_dir.is_dir():
         raise ExportError(f"--checkpoint: {run_dir} is not a run directory")
     if name is not None:
