@@ -7,7 +7,10 @@ __all__ = ["plot_curves"]
 
 
 def plot_curves(histories: dict, path, title: str = "") -> Path:
-    """``histories``: {label: [epoch records with test_clean / test_pgd / val_pgd]} -> PNG."""
+    """``histories``: {label: [epoch records with test_clean / test_pgd / val_pgd]} -> PNG.
+
+    Records with ADR's ``adr_tau`` / ``adr_lambda`` (the values the next epoch uses; fitted ones
+    with ``method.schedule: auto``) add a third panel with both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,7 +18,8 @@ def plot_curves(histories: dict, path, title: str = "") -> Path:
 
     from .training.io import atomic_path
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    adr = any("adr_tau" in r for hist in histories.values() for r in hist)
+    fig, axes = plt.subplots(1, 3 if adr else 2, figsize=(16 if adr else 11, 4))
     for label, hist in histories.items():
         ep = [r["epoch"] for r in hist if "test_clean" in r]
         line = axes[0].plot(ep, [r["test_clean"] for r in hist if "test_clean" in r], label=label)[0]
@@ -24,11 +28,19 @@ def plot_curves(histories: dict, path, title: str = "") -> Path:
         if vep:
             axes[1].plot(vep, [r["val_pgd"] for r in hist if "val_pgd" in r], linestyle=":", color=line.get_color(),
                          label=f"{label} val")
+        aep = [r["epoch"] for r in hist if "adr_tau" in r]
+        if aep:
+            axes[2].plot(aep, [r["adr_tau"] for r in hist if "adr_tau" in r], color=line.get_color(),
+                         label=f"{label} tau")
+            axes[2].plot(aep, [r["adr_lambda"] for r in hist if "adr_tau" in r], color=line.get_color(),
+                         linestyle="--", label=f"{label} lambda")
     axes[0].set_title("clean accuracy (test subset)")
     axes[1].set_title("robust accuracy (PGD)")
-    for ax in axes:
+    if adr:
+        axes[2].set_title("ADR temperature tau / interpolation lambda")
+    for i, ax in enumerate(axes):
         ax.set_xlabel("epoch")
-        ax.set_ylabel("%")
+        ax.set_ylabel("%" if i < 2 else "value")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if title:
