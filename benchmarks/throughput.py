@@ -116,10 +116,10 @@ def build_config(name: str, args, teacher_path: str):
         elif e == "sglr":
             d["method"] = {"name": "sglr"}
         elif e == "ltd":
-            d["method"] = {"name": "ltd", "temperature": 5.0, "teacher": teacher_path}
+            d["method"] = {"name": "ltd", "teacher": teacher_path}            # tau = 5, LTD's default
         elif e == "kd":
-            d["method"] = {"name": "kd", "temperature": 2.0, "robust_teacher": teacher_path,
-                           "standard_teacher": teacher_path, "kd_weights": "paper"}
+            d["method"] = {"name": "kd", "robust_teacher": teacher_path,       # T = 2, paper weights
+                           "standard_teacher": teacher_path}
         elif e in ("wa", "awp"):
             d[e] = {"enabled": True}
         elif e == "swa":

@@ -5,6 +5,11 @@ A config is a tree of small dataclasses, one per part of the run
 loaded from YAML presets shipped as package data or from a user's file, and overridden
 field by field with ``--set section.key=value``.  Every error names the offending field
 (``ConfigError.field``) so the CLI can report it and exit with code 2.
+
+The ``method`` section is flat in YAML (``method: {name: ltd, temperature: 5}``) and is parsed
+against the chosen method's own settings dataclass (``rb_labelrefine/rectifiers/<method>.py``):
+omitted fields take that method's paper defaults, and a field of another method is an error
+naming it.  Dumped configs hold the chosen method's fields only.
 """
 from __future__ import annotations
 
@@ -20,11 +25,10 @@ import yaml
 
 __all__ = [
     "ConfigError", "Config", "load_config", "list_presets", "apply_overrides", "config_to_dict",
-    "config_from_dict", "validate",
+    "config_from_dict", "validate", "check_runnable", "make_method", "parse_method", "dump_config",
 ]
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "synthetic")
-METHODS = ("onehot", "label_smoothing", "adr", "sglr", "ltd", "kd")
 OBJECTIVES = ("pgd_at", "trades", "natural")
 ATTACKS = ("pgd", "tpgd", "apgd", "fgsm", "mifgsm")
 NORMS = ("Linf", "L2")
@@ -62,35 +66,6 @@ class DataConfig:
 class ModelConfig:
     arch: str = "small_cnn"         # registry name, or timm:<name>
     kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class MethodConfig:
-    """The rectifier: what distribution each batch is trained (and attacked) towards."""
-    name: str = "onehot"
-    # label smoothing
-    smoothing: float = 0.1
-    # ADR (Wu et al. 2024, Eq. 3-5): EMA teacher, tau cosine high->low, lambda cosine low->high
-    ema_decay: float = 0.995
-    tau_high: float = 2.5
-    tau_low: float = 2.0
-    lambda_low: float = 0.7
-    lambda_high: float = 0.95
-    # SGLR (Li et al.): 'paper' = alpha/T self-softening + per-sample EMA, 'code' = public code
-    variant: str = "paper"
-    alpha: float = 0.2              # paper Table 4: weight of the model's own distribution
-    temperature: float = 1.5        # paper Table 4 T; for LTD the teacher temperature; for KD the KD T
-    momentum: float = 0.9           # per-sample memory EMA (m)
-    clean_weight: float = 0.2       # weight of softmax f(x) vs f(x') in the interpolated prediction
-    start_epoch: int = 0            # SGLR 'code': plain hard-label AT until this epoch (es)
-    # LTD / KD teachers (checkpoint paths; run directories or weight files)
-    teacher: Optional[str] = None
-    standard_teacher: Optional[str] = None
-    robust_teacher: Optional[str] = None
-    # KD+SWA weights (paper: robust 0.5, standard 0.25; public code: robust 0.6, standard 0.1)
-    kd_weights: str = "paper"       # paper | code | custom
-    robust_weight: float = 0.5
-    standard_weight: float = 0.25
 
 
 @dataclass
@@ -184,7 +159,8 @@ class Config:
     paper: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # the chosen method's own settings (rb_labelrefine/rectifiers/<method>.py); ``method.name`` is its name
+    method: Any = field(default_factory=lambda: make_method("onehot"), metadata={"method": True})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     wa: WAConfig = field(default_factory=WAConfig)
@@ -198,7 +174,15 @@ class Config:
 # ----------------------------------------------------------------------------- dict <-> dataclass
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain data; the ``method`` section holds ``name`` and the chosen method's fields only."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("method"):
+            out[f.name] = {"name": value.name, **dataclasses.asdict(value)}
+        else:
+            out[f.name] = dataclasses.asdict(value) if is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def _coerce(path: str, value: Any, annotation: str, default: Any) -> Any:
@@ -273,7 +257,9 @@ def _build(cls, data: Any, prefix: str):
             raise ConfigError(path, f"unknown field; known fields: {', '.join(sorted(known))}")
         f = known[key]
         current = getattr(obj, key)
-        if is_dataclass(current):
+        if f.metadata.get("method"):
+            setattr(obj, key, parse_method(value, path))
+        elif is_dataclass(current):
             setattr(obj, key, _build(type(current), value, path))
         else:
             if isinstance(value, str) and str(f.type) in ("float", "Optional[float]"):
@@ -283,6 +269,46 @@ def _build(cls, data: Any, prefix: str):
                     raise ConfigError(path, f"expected a number, got {value!r}") from None
             setattr(obj, key, _coerce(path, value, f.type, current))
     return obj
+
+
+def _methods():
+    from .rectifiers import registry  # importing the package registers the built-in methods
+
+    return registry
+
+
+def parse_method(data: Any, path: str = "method"):
+    """Parse the flat ``method:`` section against the chosen method's settings dataclass (types
+    only; :func:`validate` / :func:`make_method` check the values)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping, got {type(data).__name__}")
+    name = data.get("name", "onehot")
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}.name", f"expected a method name, got {name!r}")
+    reg = _methods()
+    if name not in reg.METHODS:
+        raise ConfigError(f"{path}.name", f"unknown method {name!r}; choose one of {reg.method_names()}")
+    spec = reg.METHODS[name]
+    own = spec.field_names()
+    for key in data:
+        if key != "name" and key not in own:
+            owners = [n for n, sp in reg.METHODS.items() if key in sp.field_names()]
+            valid = ", ".join(own) if own else "none besides name"
+            msg = f"not a setting of {name}; {name}'s settings: {valid}"
+            if owners:  # typically a preset of another method with --set method.name=...
+                msg = (f"a setting of {' / '.join(owners)}, not of {name}; {name}'s settings: {valid}. To switch "
+                       f"methods, replace the whole section: --set 'method={{name: {name}}}'")
+            raise ConfigError(f"{path}.{key}", msg)
+    return _build(spec.settings, {k: v for k, v in data.items() if k != "name"}, path)
+
+
+def make_method(name: str, **settings):
+    """The validated settings of method ``name`` (errors name ``method.<field>``)."""
+    m = parse_method({"name": name, **settings})
+    m.validate()
+    return m
 
 
 def config_from_dict(data: dict) -> Config:
@@ -298,11 +324,6 @@ def _check(cond: bool, path: str, message: str):
         raise ConfigError(path, message)
 
 
-def _in_unit(cfg_obj, path, name):
-    v = getattr(cfg_obj, name)
-    _check(0.0 <= v <= 1.0, f"{path}.{name}", f"must be in [0, 1], got {v}")
-
-
 def validate(cfg: Config) -> Config:
     d = cfg.data
     _check(d.name in DATASETS, "data.name", f"unknown data set {d.name!r}; choose one of {sorted(DATASETS)}")
@@ -314,31 +335,12 @@ def validate(cfg: Config) -> Config:
 
     _check(bool(cfg.model.arch), "model.arch", "must name an architecture")
 
-    m = cfg.method
-    _check(m.name in METHODS, "method.name", f"unknown method {m.name!r}; choose one of {list(METHODS)}")
-    _in_unit(m, "method", "smoothing")
-    _check(0.0 <= m.ema_decay < 1.0, "method.ema_decay", f"must be in [0, 1), got {m.ema_decay}")
-    for name in ("tau_high", "tau_low", "temperature"):
-        _check(getattr(m, name) > 0, f"method.{name}", f"must be > 0, got {getattr(m, name)}")
-    for name in ("lambda_low", "lambda_high", "alpha", "momentum", "clean_weight", "robust_weight",
-                 "standard_weight"):
-        _in_unit(m, "method", name)
-    _check(m.variant in ("paper", "code"), "method.variant", f"must be 'paper' or 'code', got {m.variant!r}")
-    _check(m.kd_weights in ("paper", "code", "custom"), "method.kd_weights",
-           f"must be paper | code | custom, got {m.kd_weights!r}")
-    _check(m.robust_weight + m.standard_weight <= 1.0, "method.robust_weight",
-           "robust_weight + standard_weight must be <= 1 (the CE term takes the rest)")
-    _check(m.start_epoch >= 0, "method.start_epoch", "must be >= 0")
-    for name in ("teacher", "standard_teacher", "robust_teacher"):
-        p = getattr(m, name)
-        if p is not None and m.name in ("ltd", "kd"):
-            _check(Path(p).exists(), f"method.{name}", f"file not found: {p}")
+    cfg.method.validate()  # the method's own rules (rb_labelrefine/rectifiers/<method>.py)
 
     o = cfg.objective
     _check(o.name in OBJECTIVES, "objective.name", f"unknown objective {o.name!r}; choose one of {list(OBJECTIVES)}")
     _check(o.beta >= 0, "objective.beta", f"must be >= 0, got {o.beta}")
-    if m.name == "ltd":
-        _check(o.name == "trades", "objective.name", "LTD is defined in TRADES form; set objective.name=trades")
+    cfg.method.check_config(cfg)
 
     a = cfg.attack
     _check(a.name == "auto" or a.name in ATTACKS, "attack.name",
@@ -393,15 +395,7 @@ def validate(cfg: Config) -> Config:
 def check_runnable(cfg: Config) -> Config:
     """Checks that only matter when a run starts (presets may leave teacher paths for the
     user to fill in with --set)."""
-    m = cfg.method
-    if m.name == "ltd":
-        _check(m.teacher is not None, "method.teacher",
-               "LTD needs a naturally trained teacher: --set method.teacher=RUN_DIR_OR_WEIGHTS "
-               "(train one with a '*-natural' preset)")
-    if m.name == "kd":
-        _check(m.standard_teacher is not None or m.robust_teacher is not None, "method.robust_teacher",
-               "KD needs at least one teacher: --set method.robust_teacher=... / method.standard_teacher=... "
-               "(train them with the '*-pgdat' and '*-natural' presets)")
+    cfg.method.check_runnable()
     return cfg
 
 

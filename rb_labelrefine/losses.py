@@ -38,8 +38,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """Hinton KD term used by Chen et al. 2021 (Eq. 1-2):
     ``KD_T(s, t) = T^2 * sum_c softmax(t/T)_c * (-log softmax(s/T)_c)``.
 
-    (The public code writes it as T^2 * KL; the two differ by the teacher's entropy, a constant,
-    so the gradients are identical.)
+    This is also what the public KD+SWA code computes (``utils.loss_fn_kd``: T^2 times the
+    cross-entropy of the tempered student against the tempered teacher, averaged over the batch),
+    so the values match it, not only the gradients.  The paper's Sec. 3 calls the terms KL
+    divergences (its Appendix A2.1 writes the cross-entropy); a KL differs from this by the
+    teacher's entropy -- a constant, so the gradients are the same either way.
     """
     t = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
     return (temperature ** 2) * soft_cross_entropy(student_logits / temperature, t, reduction=reduction)

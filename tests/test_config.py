@@ -1,8 +1,11 @@
 """Presets load and validate; bad values are rejected with the offending field named."""
 import pytest
+import yaml
 
 from rb_labelrefine.cli import main
-from rb_labelrefine.config import ConfigError, apply_overrides, config_from_dict, list_presets, load_config, load_raw
+from rb_labelrefine.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config,
+                                   list_presets, load_config, load_raw, make_method)
+from rb_labelrefine.rectifiers import get_method
 
 PRESETS = list_presets()
 
@@ -107,3 +110,139 @@ def test_yaml_file_config_with_base(tmp_path):
     bad.write_text("attack: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
+
+
+# ----------------------------------------------------------------------------- method sections
+
+def _cfg(method: dict, **sections):
+    return config_from_dict({"method": method, "objective": {"name": "trades"}, **sections})
+
+
+def test_omitted_method_fields_take_that_methods_paper_defaults():
+    assert _cfg({"name": "ltd"}).method.temperature == 5.0           # LTD's best teacher temperature
+    assert _cfg({"name": "kd"}).method.temperature == 2.0            # KD+SWA's T
+    assert _cfg({"name": "sglr"}).method.temperature == 1.5          # SGLR Table 4
+    assert _cfg({"name": "sglr"}).method.start_epoch == 0
+    assert _cfg({"name": "sglr", "variant": "code"}).method.start_epoch == 90   # the public scripts' ES
+    assert _cfg({"name": "sglr", "variant": "code", "start_epoch": 0}).method.start_epoch == 0
+    adr = _cfg({"name": "adr"}).method
+    assert (adr.ema_decay, adr.tau_high, adr.tau_low, adr.lambda_low, adr.lambda_high) == (0.995, 2.5, 2.0, 0.7, 0.95)
+    assert _cfg({"name": "label_smoothing"}).method.smoothing == 0.1
+    assert config_from_dict({}).method.name == "onehot"
+
+
+@pytest.mark.parametrize("method,stray,owner", [
+    ({"name": "ltd"}, "lambda_low", "adr"),
+    ({"name": "adr"}, "temperature", "sglr / ltd / kd"),
+    ({"name": "onehot"}, "smoothing", "label_smoothing"),
+    ({"name": "kd"}, "teacher", "ltd"),
+    ({"name": "sglr"}, "robust_teacher", "kd"),
+])
+def test_a_field_of_another_method_is_an_error_naming_it(method, stray, owner):
+    with pytest.raises(ConfigError) as exc:
+        _cfg({**method, stray: 0.5})
+    assert exc.value.field == f"method.{stray}"
+    assert f"a setting of {owner}, not of {method['name']}" in str(exc.value)
+    assert f"{method['name']}'s settings:" in str(exc.value)
+
+
+def test_an_unknown_method_field_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as exc:
+        _cfg({"name": "ltd", "tempreature": 4})
+    assert exc.value.field == "method.tempreature" and "ltd's settings: teacher, temperature" in str(exc.value)
+
+
+def test_switching_a_presets_method_with_set_names_the_stray_field():
+    with pytest.raises(ConfigError) as exc:
+        load_config("digits-ltd", ["method.name=adr", "objective.name=pgd_at"])
+    assert exc.value.field == "method.temperature" and "--set 'method={name: adr}'" in str(exc.value)
+    c = load_config("digits-ltd", ["method={name: adr}", "objective.name=pgd_at", "method.tau_low=1.5"])
+    assert c.method.name == "adr" and c.method.tau_low == 1.5 and c.method.tau_high == 2.5
+
+
+@pytest.mark.parametrize("method,field,value", [
+    ("label_smoothing", "smoothing", 1.5),
+    ("adr", "ema_decay", 1.0), ("adr", "tau_high", 0.0), ("adr", "tau_low", -1.0),
+    ("adr", "lambda_low", -0.1), ("adr", "lambda_high", 1.1),
+    ("sglr", "variant", "both"), ("sglr", "alpha", 2.0), ("sglr", "temperature", 0.0),
+    ("sglr", "momentum", -0.5), ("sglr", "clean_weight", 1.5), ("sglr", "start_epoch", -1),
+    ("ltd", "temperature", 0.0), ("ltd", "teacher", "/no/such/teacher.pt"),
+    ("kd", "kd_weights", "half"), ("kd", "robust_weight", 0.9), ("kd", "standard_weight", -0.1),
+    ("kd", "temperature", -2.0), ("kd", "robust_teacher", "/no/such/run"), ("kd", "standard_teacher", "/no/such/run"),
+    ("sglr", "start_epoch", "soon"), ("adr", "tau_high", "hot"),
+])
+def test_each_methods_validation_names_its_field(method, field, value):
+    with pytest.raises(ConfigError) as exc:
+        _cfg({"name": method, field: value})
+    assert exc.value.field == f"method.{field}", exc.value
+    with pytest.raises(ConfigError) as exc:
+        make_method(method, **{field: value})
+    assert exc.value.field == f"method.{field}"
+
+
+def test_kd_weights_sum_is_checked():
+    with pytest.raises(ConfigError, match="robust_weight \\+ standard_weight must be <= 1") as exc:
+        _cfg({"name": "kd", "kd_weights": "custom", "robust_weight": 0.7, "standard_weight": 0.5})
+    assert exc.value.field == "method.robust_weight"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_round_trips_exactly_with_only_its_methods_fields(name):
+    cfg = load_config(name)
+    d = config_to_dict(cfg)
+    assert set(d["method"]) == {"name", *get_method(cfg.method.name).field_names()}
+    assert config_from_dict(d) == cfg
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg   # what resume compares
+
+
+def test_method_settings_are_their_own_dataclass_with_a_read_only_name():
+    cfg = load_config("digits-sglr")
+    assert type(cfg.method).__name__ == "SGLRSettings" and cfg.method.name == "sglr"
+    with pytest.raises(AttributeError):
+        cfg.method.name = "adr"
+
+
+def test_the_registry_refuses_a_second_method_of_the_same_name():
+    from dataclasses import dataclass
+
+    from rb_labelrefine.rectifiers.registry import METHODS, MethodSettings, register_method
+
+    @dataclass
+    class Dummy(MethodSettings):
+        pass
+
+    with pytest.raises(ValueError, match="'adr' is already registered by rb_labelrefine.rectifiers.adr"):
+        register_method("adr", settings=Dummy, label="X", summary="x")(lambda s, ctx: None)
+    assert METHODS["adr"].settings.__name__ == "ADRSettings"
+    with pytest.raises(TypeError, match="must not have a field 'name'"):
+        @dataclass
+        class Named(MethodSettings):
+            name: str = "x"
+        register_method("named", settings=Named, label="X", summary="x")
+
+
+def test_a_new_method_is_one_registration_away(tmp_path):
+    """A method defined outside the package (settings + factory + registration) is usable from
+    YAML with its own defaults and validation, and dumps its own fields."""
+    from dataclasses import dataclass
+
+    from rb_labelrefine.rectifiers import OneHot
+    from rb_labelrefine.rectifiers.registry import METHODS, MethodSettings, register_method
+
+    @dataclass
+    class ToySettings(MethodSettings):
+        strength: float = 0.3
+
+        def validate(self):
+            self._unit("strength")
+
+    register_method("toy", settings=ToySettings, label="TOY", summary="a test method")(
+        lambda s, ctx: OneHot(ctx.num_classes))
+    try:
+        c = config_from_dict({"method": {"name": "toy"}})
+        assert c.method.strength == 0.3 and config_to_dict(c)["method"] == {"name": "toy", "strength": 0.3}
+        with pytest.raises(ConfigError) as exc:
+            config_from_dict({"method": {"name": "toy", "strength": 3}})
+        assert exc.value.field == "method.strength"
+    finally:
+        del METHODS["toy"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from rb_labelrefine.config import Config, dump_config
+from rb_labelrefine.config import Config, dump_config, make_method
 from rb_labelrefine.data import load_synthetic
 from rb_labelrefine.evaluation import run_autoattack
 from rb_labelrefine.export import export_run, load_exported, read_pt_state_dict
@@ -26,7 +26,7 @@ def _make_run(run_dir: Path, arch="tiny_cnn", method="adr"):
     """A minimal run directory in the trainer's layout: config.yaml + best/final weights."""
     run_dir.mkdir(parents=True)
     cfg = Config()
-    cfg.data.name, cfg.model.arch, cfg.method.name = "synthetic", arch, method
+    cfg.data.name, cfg.model.arch, cfg.method = "synthetic", arch, make_method(method)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     _, test, info = load_synthetic(n_train=8, n_test=24)
     models = {}

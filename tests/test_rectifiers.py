@@ -150,6 +150,8 @@ def test_sglr_memory_update_paper_variant():
     p = 0.8 * F.one_hot(y, 3).float() + 0.2 * q                                          # Eq. 6
     expect = 0.9 * F.one_hot(y, 3).float() + 0.1 * p                                    # Eq. 8, S0 = onehot
     assert torch.allclose(s, expect, atol=1e-6)
+    assert rect.memory.abs().sum() == 0 and not rect.seen.any()  # written after the step, not before
+    rect.after_step(None)
     assert torch.allclose(rect.memory[3], expect[0]) and torch.allclose(rect.memory[1], expect[1])
     assert rect.memory[0].abs().sum() == 0 and not rect.seen[0]
     # second visit averages with the stored value
@@ -163,14 +165,40 @@ def test_sglr_memory_update_paper_variant():
 def test_sglr_code_variant_hard_until_start_epoch():
     nat = torch.tensor([[2.0, 0.0, 0.0]])
     adv = torch.tensor([[0.0, 1.0, 0.0]])
-    rect = SGLR(_Fixed(nat), 3, num_samples=2, variant="code", momentum=0.9, start_epoch=2)
+    rect = SGLR(_Fixed(nat), 3, num_samples=2, variant="code", momentum=0.9, start_epoch=3)
     y, idx = torch.tensor([0]), torch.tensor([1])
-    assert torch.equal(rect.targets(torch.zeros(1, 1), y, index=idx).distribution(), y)
-    rect.end_epoch(None)
-    rect.end_epoch(None)
+    # the public code's `epoch >= es` with epochs 1, 2, ...: hard labels in epochs 1 and 2
+    for _ in range(2):
+        assert torch.equal(rect.targets(torch.zeros(1, 1), y, index=idx).distribution(), y)
+        rect.end_epoch(None)
     s = rect.targets(torch.zeros(1, 1), y, index=idx).distribution(logits_nat=nat, logits_adv=adv)
     q = 0.2 * torch.softmax(nat, 1) + 0.8 * torch.softmax(adv, 1)        # T = 1, no one-hot mix
     assert torch.allclose(s, 0.9 * F.one_hot(y, 3).float() + 0.1 * q, atol=1e-6)
+
+
+def test_sglr_start_epoch_defaults_and_counting():
+    assert SGLR(_lin(c=3), 3, num_samples=2, variant="code").start_epoch == 90   # run_sgls.sh: ES=90
+    assert SGLR(_lin(c=3), 3, num_samples=2, variant="paper").start_epoch == 0
+    for es, first_soft_epoch in ((0, 0), (1, 0), (2, 1), (90, 89)):                # 0-based epochs
+        rect = SGLR(_lin(c=3), 3, num_samples=2, variant="code", start_epoch=es)
+        active = []
+        for _ in range(first_soft_epoch + 2):
+            active.append(rect.active)
+            rect.end_epoch(None)
+        assert active.index(True) == first_soft_epoch and all(active[first_soft_epoch:]), (es, active)
+
+
+def test_sglr_step_without_after_step_leaves_memory_alone():
+    """The trainer's non-finite-loss rollback skips after_step: the memory must not move."""
+    nat = torch.tensor([[2.0, 0.0, 0.0]])
+    rect = SGLR(_Fixed(nat), 3, num_samples=2)
+    y, idx = torch.tensor([0]), torch.tensor([1])
+    rect.targets(torch.zeros(1, 1), y, index=idx).distribution(logits_nat=nat, logits_adv=nat * float("nan"))
+    t = rect.targets(torch.zeros(1, 1), y, index=idx)        # the next try of the step
+    assert rect.memory.abs().sum() == 0 and not rect.seen.any()
+    s = t.distribution(logits_nat=nat, logits_adv=nat)
+    rect.after_step(None)
+    assert torch.isfinite(rect.memory).all() and torch.equal(rect.memory[1], s[0]) and rect.seen[1]
 
 
 def test_sglr_needs_index_and_checks_range():

@@ -6,7 +6,7 @@ import torch
 
 from rb_labelrefine.config import load_config
 from rb_labelrefine.runs import load_run_model, read_weights
-from rb_labelrefine.training.trainer import Trainer
+from rb_labelrefine.training.trainer import NonFiniteLossError, Trainer
 
 TINY = ["data.name=synthetic", "data.batch_size=32", "data.val_fraction=0.125", "model.arch=mlp",
         "attack.eps=0.1", "attack.alpha=0.05", "attack.steps=2", "train.epochs=2", "train.threads=1",
@@ -45,7 +45,7 @@ def _check_run(summary, run_dir):
     ("digits-adr", []),
     ("digits-trades-adr", []),
     ("digits-sglr", []),
-    ("digits-sglr", ["method.variant=code", "method.start_epoch=1"]),
+    ("digits-sglr", ["method.variant=code", "method.start_epoch=2"]),   # hard labels in epoch 1, soft in 2
 ])
 def test_method_trains(tmp_path, preset, extra):
     s = _train(tmp_path, "run", preset, extra)
@@ -103,3 +103,25 @@ def test_decays_are_rescaled_to_epochs(tmp_path):
 def test_training_improves_over_chance(tmp_path):
     s = _train(tmp_path, "run", "digits-adr", ["train.epochs=4", "optim.lr=0.1"])
     assert s["final"]["test_clean"] > 30.0   # 10 classes: chance is 10 %
+
+
+def test_sglr_memory_is_rolled_back_with_a_non_finite_step(tmp_path):
+    """SGLR writes its memory in after_step, so the step the trainer abandons for a non-finite
+    loss leaves it untouched and the last good state is checkpointed (not 'no longer finite')."""
+    cfg = load_config("digits-sglr", TINY + ["optim.lr=1e30", "train.device=cpu"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    steps = []
+    orig = trainer.train_step
+
+    def record(*a, **k):
+        out = orig(*a, **k)
+        steps.append(trainer.rectifier.memory.clone())
+        return out
+    trainer.train_step = record
+    with pytest.raises(NonFiniteLossError, match=r"the last good state \(before this step\) is in") as exc:
+        trainer.fit()
+    assert steps and "step 2" in str(exc.value)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    memory = state["rectifier"]["memory"]
+    assert torch.isfinite(memory).all() and torch.equal(memory, steps[-1].cpu())
+    assert int(state["rectifier"]["seen"].sum()) == 32   # the first batch's rows only

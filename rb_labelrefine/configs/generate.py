@@ -15,7 +15,8 @@ One YAML file per setting the papers report, named
 * LTD (Chen et al.): TRADES form, beta 6, teacher temperature 5 (CIFAR-10 best), 120 epochs,
   lr /10 at 80 and 100; attack in eval mode (TRADES code).
 * SGLR (Li et al.): alpha 0.2, T 1.5 (Table 4), m 0.9; lr /10 at 100 and 150; paper variant by
-  default, ``method.variant=code`` for the public code (start epoch 90).
+  default, ``method.variant=code`` for the public code (start epoch 90, counted as its 1-based
+  ``epoch >= es``; ``method.start_epoch`` unset = the variant's default).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _presets_for(ds: str):
     kd = dict(method=dict(name="kd", kd_weights="paper", temperature=2.0), optim=dict(milestones=[50, 150]),
               data=dict(val_fraction=0.1), eval=dict(val_attack_steps=20), attack=dict(bn_mode="train"),
               paper="KD+SWA (Chen, Zhang, Liu, Chang, Wang, ICLR 2021)")
-    sglr = dict(method=dict(name="sglr", variant="paper", alpha=0.2, temperature=1.5, momentum=0.9, start_epoch=0),
+    sglr = dict(method=dict(name="sglr", variant="paper", alpha=0.2, temperature=1.5, momentum=0.9),
                 optim=dict(milestones=[100, 150]), attack=dict(bn_mode="train"),
                 paper="SGLR (Li, Yu et al., Soften to Defend)")
     ltd = dict(method=dict(name="ltd", temperature=5.0), objective=dict(name="trades", beta=6.0),

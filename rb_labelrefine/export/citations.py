@@ -1,84 +1,39 @@
-"""What each method is and how to cite it, for model cards.
+"""What each method and objective is and how to cite it, for model cards.
 
-Author lists and venues are taken from the reference lists of the seed papers in this
-project (ADR's and SGLR's bibliographies cite Madry et al., Zhang et al., Chen et al. 2021 and
-Chen & Lee 2021 in full).  SGLR's own author list is abbreviated to the first two surnames,
-the part we can vouch for; check the CVPR 2024 proceedings before publishing a card.
+A method's label, title, summary and BibTeX live in its own module under
+``rb_labelrefine/rectifiers/`` (its registration); the objectives' are here.  Author lists and
+venues are taken from the reference lists of the seed papers in this project (ADR's and SGLR's
+bibliographies cite Madry et al., Zhang et al., Chen et al. 2021 and Chen & Lee 2021 in full).
+SGLR's own author list is abbreviated to the first two surnames, the part we can vouch for;
+check the CVPR 2024 proceedings before publishing a card.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = ["METHOD_INFO", "OBJECTIVE_INFO", "method_label", "method_citations"]
 
-METHOD_INFO = {
-    "adr": {
-        "label": "ADR",
-        "title": "Annealing Self-Distillation Rectification Improves Adversarial Training",
-        "summary": ("Annealing Self-Distillation Rectification: the hard label is replaced by an "
-                    "interpolation of the one-hot label with the temperature-scaled prediction of an "
-                    "EMA teacher on the clean image, with the temperature annealed down and the "
-                    "interpolation factor annealed up (Wu et al. 2024, Eq. 3-5). The rectified label "
-                    "is used by both the attack and the training loss."),
-        "bibtex": """@inproceedings{wu2024annealing,
-  title     = {Annealing Self-Distillation Rectification Improves Adversarial Training},
-  author    = {Wu, Yu-Yu and Wang, Hung-Jui and Chen, Shang-Tse},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2024}
-}""",
-    },
-    "kd": {
-        "label": "KD-SWA",
-        "title": "Robust Overfitting may be mitigated by properly learned smoothening",
-        "summary": ("Learned logit smoothening by self-distillation from a robust and a standard "
-                    "self-teacher of the same architecture (tempered KD terms next to the "
-                    "cross-entropy), combined with stochastic weight averaging (Chen et al. 2021, "
-                    "Eq. 1-2)."),
-        "bibtex": """@inproceedings{chen2021robust,
-  title     = {Robust Overfitting may be mitigated by properly learned smoothening},
-  author    = {Chen, Tianlong and Zhang, Zhenyu and Liu, Sijia and Chang, Shiyu and Wang, Zhangyang},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2021}
-}""",
-    },
-    "ltd": {
-        "label": "LTD",
-        "title": "LTD: Low Temperature Distillation for Robust Adversarial Training",
-        "summary": ("Low Temperature Distillation: the natural term of TRADES is trained towards a "
-                    "naturally trained teacher's softmax at a low temperature (> 1) on the clean "
-                    "image; the attack uses the original label (RobustBench entries Chen2021LTD_*)."),
-        "bibtex": """@article{chen2021ltd,
-  title   = {{LTD}: Low Temperature Distillation for Robust Adversarial Training},
-  author  = {Chen, Erh-Chung and Lee, Che-Rung},
-  journal = {CoRR},
-  volume  = {abs/2111.02331},
-  year    = {2021}
-}""",
-    },
-    "sglr": {
-        "label": "SGLR",
-        "title": "Soften to Defend: Towards Adversarial Robustness via Self-Guided Label Refinement",
-        "summary": ("Self-Guided Label Refinement: the one-hot label is softened with the model's own "
-                    "predictive distribution (interpolating clean and adversarial predictions) and "
-                    "kept as a per-sample exponential moving average over training."),
-        "bibtex": """@inproceedings{li2024soften,
-  title     = {Soften to Defend: Towards Adversarial Robustness via Self-Guided Label Refinement},
-  author    = {Li and Yu and others},
-  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  year      = {2024}
-}""",
-    },
-    "label_smoothing": {
-        "label": "LS",
-        "title": "Label smoothing",
-        "summary": "Uniform label smoothing of the one-hot target (a data-blind baseline for label refinement).",
-        "bibtex": None,
-    },
-    "onehot": {
-        "label": None,   # the plain objective: the label is the objective's name
-        "title": None,
-        "summary": "One-hot labels (the plain adversarial-training baseline).",
-        "bibtex": None,
-    },
-}
+class _MethodInfo(Mapping):
+    """``METHOD_INFO[name]`` -> ``{'label', 'title', 'summary', 'bibtex'}``, read from the method's
+    own module (its :func:`~rb_labelrefine.rectifiers.register_method` call): one source."""
+
+    def _specs(self):
+        from ..rectifiers.registry import METHODS
+
+        return METHODS
+
+    def __getitem__(self, name):
+        spec = self._specs()[name]
+        return {"label": spec.label, "title": spec.title, "summary": spec.summary, "bibtex": spec.bibtex}
+
+    def __iter__(self):
+        return iter(self._specs())
+
+    def __len__(self):
+        return len(self._specs())
+
+
+METHOD_INFO = _MethodInfo()
 
 OBJECTIVE_INFO = {
     "pgd_at": {
@@ -109,7 +64,7 @@ OBJECTIVE_INFO = {
 
 def method_label(method: str, objective: str) -> str:
     """Short label used in model names and cards: ``ADR``, ``TRADES-ADR``, ``AT``, ``TRADES``..."""
-    m = METHOD_INFO.get(method, {}).get("label", method.upper()) if method in METHOD_INFO else method.upper()
+    m = METHOD_INFO[method]["label"] if method in METHOD_INFO else method.upper()
     o = OBJECTIVE_INFO.get(objective, {}).get("label", objective.upper())
     if m is None:
         return o

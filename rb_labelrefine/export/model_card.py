@@ -118,14 +118,17 @@ def _config_highlights(cfg: dict) -> list[tuple[str, str]]:
 
 
 def _method_params(name: Optional[str], m: dict) -> str:
-    keys = {"adr": ("ema_decay", "tau_high", "tau_low", "lambda_low", "lambda_high"),
-            "sglr": ("variant", "alpha", "temperature", "momentum", "clean_weight", "start_epoch"),
-            "ltd": ("teacher", "temperature"),
-            "kd": ("kd_weights", "robust_weight", "standard_weight", "temperature", "robust_teacher",
-                   "standard_teacher"),
-            "label_smoothing": ("smoothing",)}.get(name, ())
-    params = ", ".join(f"{k}={m.get(k)}" for k in keys)
-    return f"{name}" + (f" ({params})" if params else "")
+    """The method's card parameters (its settings' ``card_params``); the raw section for a method
+    this installation does not know.  Parsed, not validated: a teacher path need not exist here."""
+    from ..config import ConfigError, parse_method
+
+    fields = {k: v for k, v in m.items() if k != "name"}
+    try:
+        params = parse_method(m).card_params()
+    except (ConfigError, ValueError):
+        params = fields
+    text = ", ".join(f"{k}={v}" for k, v in params.items())
+    return f"{name}" + (f" ({text})" if text else "")
 
 
 def _machine_lines(autoattack: dict, summary: Optional[dict]) -> list[str]:

@@ -12,10 +12,14 @@ Per step e of E (paper Alg. 1):
 P replaces the hard label in the attack and in the loss (PGD-AT, Eq. 1-2) or in the natural
 term (TRADES).  The official code indexes the schedules by global step and its EMA teacher is
 timm's ModelEmaV2 (eval mode, parameters and buffers averaged) -- both followed here.
+
+Config: ``method: {name: adr, ema_decay: 0.995, tau_high: 2.5, tau_low: 2.0, lambda_low: 0.7,
+lambda_high: 0.95}`` (the defaults: the paper's CIFAR-10 values).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,8 +29,9 @@ import torch.nn.functional as F
 from ..averaging import EMA
 from ..fast import teacher_forward
 from .base import Rectifier, Target
+from .registry import BuildContext, MethodSettings, register_method
 
-__all__ = ["ADR", "rectify", "cosine_schedule", "ADR_PRESETS"]
+__all__ = ["ADR", "ADRSettings", "rectify", "cosine_schedule", "ADR_PRESETS"]
 
 #: the paper's hyper-parameters (Sec. 5.1): (lambda_low, lambda_high, tau_high, tau_low)
 ADR_PRESETS = {
@@ -34,6 +39,8 @@ ADR_PRESETS = {
     "cifar100": dict(lambda_low=0.7, lambda_high=0.95, tau_high=1.5, tau_low=1.0),
     "tiny_imagenet": dict(lambda_low=0.5, lambda_high=0.9, tau_high=2.0, tau_low=1.5),
 }
+_C10 = ADR_PRESETS["cifar10"]
+EMA_DECAY = 0.995  # Sec. 5.1
 
 
 def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
@@ -70,9 +77,10 @@ class ADR(Rectifier):
     """
     name = "adr"
 
-    def __init__(self, model: nn.Module, num_classes: int, total_steps: int, *, ema_decay: float = 0.995,
-                 tau_high: float = 2.5, tau_low: float = 2.0, lambda_low: float = 0.7,
-                 lambda_high: float = 0.95, teacher: Optional[EMA] = None):
+    def __init__(self, model: nn.Module, num_classes: int, total_steps: int, *, ema_decay: float = EMA_DECAY,
+                 tau_high: float = _C10["tau_high"], tau_low: float = _C10["tau_low"],
+                 lambda_low: float = _C10["lambda_low"], lambda_high: float = _C10["lambda_high"],
+                 teacher: Optional[EMA] = None):
         super().__init__(num_classes)
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -140,3 +148,41 @@ class ADR(Rectifier):
     def extra_repr(self):
         return (f"tau={self.tau_high}->{self.tau_low}, lambda={self.lambda_low}->{self.lambda_high}, "
                 f"ema_decay={self.teacher.decay}, total_steps={self.total_steps}")
+
+
+@dataclass
+class ADRSettings(MethodSettings):
+    ema_decay: float = EMA_DECAY                # gamma of the EMA teacher, per step (Sec. 4.2)
+    tau_high: float = _C10["tau_high"]          # temperature at the first step (Eq. 3)
+    tau_low: float = _C10["tau_low"]            # ... at the last step
+    lambda_low: float = _C10["lambda_low"]      # interpolation at the first step (Eq. 4)
+    lambda_high: float = _C10["lambda_high"]    # ... at the last step
+
+    def validate(self) -> None:
+        self._unit("lambda_low", "lambda_high")
+        self._positive("tau_high", "tau_low")
+        self._check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+
+
+_BIBTEX = """@inproceedings{wu2024annealing,
+  title     = {Annealing Self-Distillation Rectification Improves Adversarial Training},
+  author    = {Wu, Yu-Yu and Wang, Hung-Jui and Chen, Shang-Tse},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024}
+}"""
+
+
+@register_method(
+    "adr", settings=ADRSettings, label="ADR", bibtex=_BIBTEX,
+    title="Annealing Self-Distillation Rectification Improves Adversarial Training",
+    summary=("Annealing Self-Distillation Rectification: the hard label is replaced by an interpolation of the "
+             "one-hot label with the temperature-scaled prediction of an EMA teacher on the clean image, with the "
+             "temperature annealed down and the interpolation factor annealed up (Wu et al. 2024, Eq. 3-5). The "
+             "rectified label is used by both the attack and the training loss."))
+def build_adr(s: ADRSettings, ctx: BuildContext) -> ADR:
+    decay = ctx.decay_scale(s.ema_decay)
+    teacher = None
+    if ctx.shared_ema is not None and abs(ctx.shared_ema.decay - decay) < 1e-12:
+        teacher = ctx.shared_ema  # WA with the same decay *is* ADR's teacher (one EMA, not two)
+    return ADR(ctx.model, ctx.num_classes, ctx.total_steps, ema_decay=decay, tau_high=s.tau_high,
+               tau_low=s.tau_low, lambda_low=s.lambda_low, lambda_high=s.lambda_high, teacher=teacher)

@@ -5,13 +5,22 @@ A rectifier answers one question per batch: *what distribution should this batch
 memory, frozen teachers), which it updates in :meth:`Rectifier.after_step` /
 :meth:`Rectifier.end_epoch` and serialises with ``state_dict``/``load_state_dict``.
 
-In a user's own torchattacks loop::
+In a user's own torchattacks loop (the same lines for every method)::
 
-    target = rect.targets(x, y, index=idx)        # before the attack
-    x_adv = atk(x, target.for_attack)             # labels or a [B, C] distribution
-    loss = target.loss(model(x_adv), x_adv)       # soft CE (+ KD terms)
-    opt.zero_grad(); loss.backward(); opt.step()
-    rect.after_step(model)                        # EMA teacher update, step counter
+    rect.to(device)                               # once, after the model is on its device
+    for epoch in range(epochs):
+        for x, y, idx in loader:                  # idx: dataset indices (IndexedDataset)
+            target = rect.targets(x, y, index=idx)        # before the attack
+            x_adv = atk(x, target.for_attack)             # labels or a [B, C] distribution
+            loss = target.loss(model(x_adv), x_adv)       # soft CE (+ KD terms)
+            opt.zero_grad(); loss.backward(); opt.step()
+            rect.after_step(model)                        # EMA teacher, memory write, step counter
+        rect.end_epoch(model)                             # epoch counter (SGLR's start epoch)
+
+``x`` is what the model sees: models take [0, 1] inputs with any normalisation inside them, and
+the rectifier's teachers are fed the same ``x``.  ``index`` is accepted by every rectifier and
+used by those with per-sample state (``needs_index``).  A step abandoned before
+``after_step`` (e.g. a non-finite loss) leaves the rectifier's state as it was.
 """
 from __future__ import annotations
 
@@ -73,10 +82,15 @@ class Target:
     def loss(self, logits: torch.Tensor, inputs: Optional[torch.Tensor] = None, *,
              logits_nat: Optional[torch.Tensor] = None, logits_adv: Optional[torch.Tensor] = None,
              reduction: str = "mean") -> torch.Tensor:
+        """The loss on ``logits`` = model(``inputs``).  ``logits_nat`` / ``logits_adv`` are the
+        clean / adversarial logits a model-dependent target refines itself from; by default
+        ``logits`` are the adversarial ones (PGD-AT form: ``target.loss(model(x_adv), x_adv)``)
+        and the clean ones are computed when needed."""
         total = logits.new_zeros(()) if reduction == "mean" else logits.new_zeros(logits.shape[0])
         if self.ce_weight:
+            adv = logits if logits_adv is None else logits_adv
             total = total + self.ce_weight * soft_cross_entropy(
-                logits, self.distribution(logits_nat, logits_adv), reduction=reduction)
+                logits, self.distribution(logits_nat, adv), reduction=reduction)
         if self.kd_terms:
             if inputs is None:
                 raise ValueError("this target has KD terms: pass the inputs the logits were computed on")
@@ -129,6 +143,7 @@ class Rectifier:
         self.epoch = int(state["epoch"])
 
     def to(self, device) -> "Rectifier":
+        """Move the rectifier's tensors and teachers to ``device`` (returns ``self``)."""
         return self
 
     def extra_repr(self) -> str:

@@ -1,36 +1,28 @@
-"""One-hot targets (the PGD-AT / TRADES baseline) and label smoothing (Szegedy et al. 2016)."""
+"""One-hot targets: the plain PGD-AT (Madry et al. 2018) / TRADES (Zhang et al. 2019) baseline.
+
+Config: ``method: {name: onehot}`` (no settings).
+"""
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from .base import Rectifier, Target
+from .base import Rectifier
+from .registry import BuildContext, MethodSettings, register_method
 
-__all__ = ["OneHot", "LabelSmoothing"]
+__all__ = ["OneHot", "OneHotSettings"]
 
 
 class OneHot(Rectifier):
-    """The hard label: plain PGD-AT (Madry et al. 2018) / TRADES (Zhang et al. 2019)."""
+    """The hard label for attack and loss."""
     name = "onehot"
 
 
-class LabelSmoothing(Rectifier):
-    """``(1 - s) * onehot(y) + s / C`` for attack and loss (the data-blind baseline in the
-    KD+SWA and ADR papers).  ``attack_with_soft=False`` attacks with the hard label."""
-    name = "label_smoothing"
+@dataclass
+class OneHotSettings(MethodSettings):
+    """No settings: the label is the data set's label."""
 
-    def __init__(self, num_classes: int, smoothing: float = 0.1, attack_with_soft: bool = True):
-        super().__init__(num_classes)
-        if not 0.0 <= smoothing <= 1.0:
-            raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
-        self.smoothing = float(smoothing)
-        self.attack_with_soft = attack_with_soft
 
-    def targets(self, x, y, *, index=None) -> Target:
-        self._check_labels(y)
-        dist = torch.full((y.shape[0], self.num_classes), self.smoothing / self.num_classes,
-                          device=y.device, dtype=torch.float32)
-        dist.scatter_add_(1, y.long()[:, None], dist.new_full((y.shape[0], 1), 1.0 - self.smoothing))
-        return Target(y, dist, for_attack=dist if self.attack_with_soft else y)
-
-    def extra_repr(self):
-        return f"smoothing={self.smoothing}"
+@register_method("onehot", settings=OneHotSettings, label=None,
+                 summary="One-hot labels (the plain adversarial-training baseline).")
+def build_onehot(s: OneHotSettings, ctx: BuildContext) -> OneHot:
+    return OneHot(ctx.num_classes)
