@@ -1,17 +1,31 @@
 """``rb-labelrefine`` command line (also ``python -m rb_labelrefine``).
 
-Exit codes: 0 success; 1 training failed (e.g. non-finite loss); 2 bad config, argument or input
-(the message names the field); 3 interrupted by SIGTERM/SIGINT with a resumable checkpoint.
+Exit codes, by cause (the README's command-line section lists them too):
+
+0  success
+1  training failed: a non-finite loss (the last good state is checkpointed)
+2  bad input: config, argument, data, checkpoint or run directory (the message names the field or path)
+3  stopped by SIGTERM/SIGINT with a resumable checkpoint (the message prints the --resume command)
+4  an I/O failure: disk full, read-only or unwritable path (the message names the path and, for a
+   full disk, the bytes needed)
+5  ``eval --sanity``: a gradient-masking check failed (the table says which)
+70 an internal error (a bug: please report it with the output of --debug)
+130 a second signal stopped the run at once
+
+No traceback is printed unless ``--debug`` is given.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_IO, EXIT_CHECK_FAILED = 0, 1, 2, 3, 4, 5
+EXIT_INTERNAL = 70
 
 
 class UsageError(ValueError):
@@ -41,11 +55,12 @@ def cmd_configs(args) -> int:
 
 # ----------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
+    import os
+
     from .config import load_config
     from .training.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
-    import os
 
     summary = Trainer(cfg, args.out, resume=args.resume, progress=not args.quiet).fit()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, not one per rank
@@ -74,7 +89,11 @@ def _load_for_eval(path: str, which: str):
     from .runs import RUN_FILES, load_run_model
 
     p = Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except OSError as exc:  # a symlink loop, a name too long
+        raise UsageError(f"--checkpoint: {p}: {exc.strerror or exc}") from None
+    if not exists:
         raise FileNotFoundError(f"--checkpoint: {p} does not exist")
     if p.is_file():
         if p.suffix != ".safetensors":
@@ -93,6 +112,14 @@ def cmd_eval(args) -> int:
     from .evaluation.autoattack import run_autoattack
     from .training.trainer import _stack
 
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n: must be >= 1 (the number of test points), got {args.n}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.eps is not None and not args.eps > 0:
+        raise UsageError(f"--eps: must be > 0, got {args.eps}")
+    if args.json:
+        _check_output_file(args.json, "--json")  # before AutoAttack, not after it
     model, cfg, info = _load_for_eval(args.checkpoint, args.which)
     root = args.data_root or cfg.data.root
     _, _, test_ds, _ = build_datasets(cfg.data.name, root=root, val_fraction=cfg.data.val_fraction,
@@ -108,17 +135,50 @@ def cmd_eval(args) -> int:
                          seed=args.seed)
     out = {"checkpoint": str(args.checkpoint), "which": args.which, "dataset": info.name, "norm": norm, "eps": eps,
            "autoattack": res}
-    if args.sanity:
-        from .evaluation.sanity import sanity_report
-
-        out["sanity"] = sanity_report(model, x, y, eps=eps, norm=norm)
     print(f"{info.name} {norm} eps={eps:.4f}: clean {res['clean_acc']:.2f}%  AutoAttack ({version}) "
           f"{res['robust_acc']:.2f}% on {res['n']} points")
+    for flag in res.get("flags") or []:
+        print(f"  AutoAttack flag: {flag}")
+    code = EXIT_OK
+    if args.sanity:
+        from .evaluation.sanity import format_sanity_markdown, sanity_report
+
+        # this AutoAttack run's own flags (zero gradients among them) are one of the checks
+        report = sanity_report(model, x, y, eps=eps, norm=norm, autoattack=res,
+                               device="cuda" if torch.cuda.is_available() else "cpu")
+        out["sanity"] = report
+        print()
+        print(format_sanity_markdown(report), end="")
+        if not report["passed"]:
+            _err(f"gradient-masking sanity check(s) failed: {', '.join(report['failed'])} -- the AutoAttack number "
+                 "above may overstate the robustness")
+            code = EXIT_CHECK_FAILED
     if args.json:
         from .training.io import atomic_write_json
 
         atomic_write_json(args.json, out)
-    return EXIT_OK
+    return code
+
+
+def _check_output_file(path: str, what: str) -> None:
+    """``path`` can be written: its directory exists and takes files, and it is not a directory."""
+    import os
+    import tempfile
+
+    from .training.io import StorageError
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what}: {p} is a directory, not a file")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{what}: the directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=str(parent))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StorageError(p, exc) from None
 
 
 # ----------------------------------------------------------------------------- export
@@ -140,7 +200,10 @@ def cmd_leaderboard(args) -> int:
     from .leaderboard import format_rank, load_snapshot, rank
 
     if args.model_info:
-        result = json.loads(Path(args.model_info).read_text())
+        result = _read_json_arg(args.model_info, "--model-info")
+        if not isinstance(result, dict):
+            raise UsageError(f"--model-info: {args.model_info} holds a JSON {type(result).__name__}, not an object "
+                             "(an exported model_info file)")
     elif args.autoattack is not None:
         result = {"autoattack_acc": args.autoattack, "clean_acc": args.clean, "name": args.name or "your model",
                   "additional_data": args.extra_data}
@@ -152,6 +215,20 @@ def cmd_leaderboard(args) -> int:
         return EXIT_OK
     print(format_rank(rank(result, args.dataset, args.threat_model)))
     return EXIT_OK
+
+
+def _read_json_arg(path: str, what: str):
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what}: {p} is a directory, not a JSON file")
+    if not p.exists():
+        raise FileNotFoundError(f"{what}: {p} does not exist")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{what}: {p} is not UTF-8 text") from None
+    except ValueError as exc:
+        raise UsageError(f"{what}: {p} is not valid JSON ({exc})") from None
 
 
 # ----------------------------------------------------------------------------- quickstart
@@ -178,7 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Label-refinement adversarial training (ADR, KD+SWA, LTD, SGLR) on PGD-AT / TRADES, with "
         "official AutoAttack evaluation and RobustBench export."))
     p.add_argument("--version", action="version", version=f"rb-labelrefine {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(*a, **k):  # --debug also after the subcommand (SUPPRESS: never resets the top-level flag)
+        sp = _add_parser(*a, **k)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback of an error")
+        return sp
+    sub.add_parser = add_parser
 
     q = sub.add_parser("quickstart", help="train PGD-AT and PGD-AT+ADR on the embedded digits set, "
                                           "AutoAttack both, export the ADR model (a few minutes on CPU)")
@@ -241,44 +326,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
     warnings.filterwarnings("ignore", message=".*torch.jit.interface.*")
     try:
-        from .data import CorruptDatasetError, DatasetNotFoundError
-        from .training.io import UnsafeCheckpointError
-        from .training.trainer import NonFiniteLossError, ResumeError, TrainingInterrupted
-    except ImportError as exc:  # pragma: no cover - broken install
-        _err(f"import failed: {exc}")
-        return EXIT_FAILED
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except (UsageError, ResumeError, DatasetNotFoundError, CorruptDatasetError, UnsafeCheckpointError) as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except FileNotFoundError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+        code = args.func(args)
+    except BaseException as exc:  # noqa: BLE001 - every error becomes a message and an exit code
+        code, message = _classify(exc)
+        if code is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        if message is not None:
+            if code == EXIT_INTERRUPTED:
+                print(message, file=sys.stderr, flush=True)
+            else:
+                _err(message)
+    return code
+
+
+def _classify(exc: BaseException):
+    """``(exit code, message)`` of an error by its cause; ``(None, None)`` for what must propagate."""
+    from .config import ConfigError
+    from .data import CorruptDatasetError, DatasetNotFoundError
+    from .training.errors import NonFiniteLossError, ResumeError, TrainingInterrupted
+    from .training.io import StorageError, UnsafeCheckpointError
+
+    if isinstance(exc, SystemExit):
+        return None, None
+    if isinstance(exc, TrainingInterrupted):
+        return EXIT_INTERRUPTED, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
         # a second signal during training (or Ctrl-C outside it): stop now; files written so
         # far are complete (atomic writes), the last checkpoint is resumable
-        _err("interrupted")
-        return 130
-    except NonFiniteLossError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
-    except ValueError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
+        return 130, "interrupted"
+    if isinstance(exc, NonFiniteLossError):
+        return EXIT_FAILED, str(exc)
+    if isinstance(exc, StorageError):
+        return EXIT_IO, str(exc)
+    if isinstance(exc, (ConfigError, UsageError, ResumeError, DatasetNotFoundError, CorruptDatasetError,
+                        UnsafeCheckpointError)):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return EXIT_USAGE, _os_message(exc)
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            return EXIT_USAGE, _os_message(exc)
+        return EXIT_IO, _os_message(exc)
+    if isinstance(exc, MemoryError):
+        return EXIT_IO, "out of memory"
+    if isinstance(exc, ValueError):
+        return EXIT_USAGE, str(exc)
+    return EXIT_INTERNAL, (f"internal error: {type(exc).__name__}: {str(exc).strip()[:500]} (rerun with --debug for "
+                           "the traceback, and please report it)")
+
+
+def _os_message(exc: OSError) -> str:
+    text = str(exc)
+    if exc.filename is not None and str(exc.filename) not in text:
+        text += f": {exc.filename}"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -211,7 +212,7 @@ def _coerce(path: str, value: Any, annotation: str, default: Any) -> Any:
             if isinstance(value, bool):
                 raise TypeError
             if isinstance(value, str):
-                value = _parse_number(value)
+                value = _parse_number(value, path)
             out = float(value)
             if not math.isfinite(out):
                 raise ConfigError(path, f"must be a finite number, got {value!r}")
@@ -235,11 +236,13 @@ def _coerce(path: str, value: Any, annotation: str, default: Any) -> Any:
     return value
 
 
-def _parse_number(text: str) -> float:
+def _parse_number(text: str, path: str = "<value>") -> float:
     """Accept '8/255' as well as '0.0314' (eps values are usually written as fractions of 255)."""
     text = text.strip()
     if "/" in text:
         num, den = text.split("/", 1)
+        if float(den) == 0:
+            raise ConfigError(path, f"division by zero in {text!r}")
         return float(num) / float(den)
     return float(text)
 
@@ -264,7 +267,9 @@ def _build(cls, data: Any, prefix: str):
         else:
             if isinstance(value, str) and str(f.type) in ("float", "Optional[float]"):
                 try:
-                    value = _parse_number(value)
+                    value = _parse_number(value, path)
+                except ConfigError:
+                    raise
                 except ValueError:
                     raise ConfigError(path, f"expected a number, got {value!r}") from None
             setattr(obj, key, _coerce(path, value, f.type, current))
@@ -358,19 +363,23 @@ def validate(cfg: Config) -> Config:
     _check(cfg.swa.start_epoch is None or cfg.swa.start_epoch >= 0, "swa.start_epoch", "must be >= 0")
     _check(cfg.awp.gamma > 0, "awp.gamma", f"must be > 0, got {cfg.awp.gamma}")
     _check(cfg.awp.warmup_epochs >= 0, "awp.warmup_epochs", "must be >= 0")
+    _check(cfg.awp.proxy_lr > 0, "awp.proxy_lr", f"must be > 0, got {cfg.awp.proxy_lr}")
 
     op = cfg.optim
     _check(op.lr > 0, "optim.lr", f"must be > 0, got {op.lr}")
     _check(op.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(0 <= op.momentum < 1, "optim.momentum", "must be in [0, 1)")
     _check(op.schedule in SCHEDULES, "optim.schedule", f"must be one of {list(SCHEDULES)}")
+    _check(op.gamma > 0, "optim.gamma", f"must be > 0 (the lr is multiplied by it at each milestone), got {op.gamma}")
     _check(all(isinstance(v, (int, float)) and v > 0 for v in op.milestones), "optim.milestones",
            "must be a list of positive numbers (fractions of training < 1, or epochs)")
 
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
-    _check(t.device in ("auto", "cpu") or t.device.startswith("cuda") or t.device == "mps", "train.device",
+    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None, "train.device",
            f"must be auto, cpu, cuda[:N] or mps, got {t.device!r}")
+    _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip",
+           f"must be > 0 (a gradient-norm bound) or null, got {t.grad_clip}")
     _check(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1")
     _check(t.reference_steps_per_epoch is None or t.reference_steps_per_epoch >= 1,
            "train.reference_steps_per_epoch", "must be >= 1")
@@ -387,6 +396,10 @@ def validate(cfg: Config) -> Config:
     _check(e.select_by in ("auto", "robust", "clean"), "eval.select_by", "must be auto, robust or clean")
     _check(e.test_attack_steps >= 1, "eval.test_attack_steps", "must be >= 1")
     _check(e.test_every >= 1, "eval.test_every", "must be >= 1")
+    _check(e.autoattack_n is None or e.autoattack_n >= 1, "eval.autoattack_n",
+           f"must be >= 1 (or null: the whole test split), got {e.autoattack_n}")
+    _check(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    _check(e.curve_test_size is None or e.curve_test_size >= 1, "eval.curve_test_size", "must be >= 1 or null")
     _check(e.autoattack_version in ("standard", "plus", "rand"), "eval.autoattack_version",
            "must be standard | plus | rand (custom attack lists: rb-labelrefine eval --attacks ...)")
     return cfg
@@ -416,8 +429,8 @@ def _read_yaml(text: str, origin: str) -> dict:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("<file>", f"{origin} is not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file is a mistake, not "train the defaults"
+        raise ConfigError("<file>", f"{origin} is empty (no config in it)")
     if not isinstance(data, dict):
         raise ConfigError("<file>", f"{origin} must hold a mapping at the top level")
     return data
@@ -433,22 +446,43 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_raw(name_or_path: str) -> dict:
+def _read_text(path: Path, origin: str, field: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(field, f"{origin} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(field, f"cannot read {origin}: {exc.strerror or exc}") from None
+
+
+def load_raw(name_or_path: str, _chain: tuple = ()) -> dict:
     """Read a preset by name or a YAML file by path; resolves ``base:`` inheritance."""
+    field = "--config" if not _chain else f"base (in {_chain[-1]})"
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ConfigError(field, f"must name a preset or a YAML file, got {name_or_path!r}")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
-            raise ConfigError("--config", f"file not found: {name_or_path}")
-        data = _read_yaml(path.read_text(), str(path))
+            raise ConfigError(field, f"file not found: {name_or_path}")
+        if path.is_dir():
+            raise ConfigError(field, f"{name_or_path} is a directory, not a YAML file (a run's config is "
+                              f"{path / 'config.yaml'})")
+        key = str(path.resolve())
+        data = _read_yaml(_read_text(path, str(path), field), str(path))
     else:
         f = _preset_dir() / f"{name_or_path}.yaml"
         if not f.is_file():
-            raise ConfigError("--config", f"unknown preset {name_or_path!r}; run 'rb-labelrefine configs' to list them")
-        data = _read_yaml(f.read_text(), f"preset {name_or_path}")
+            raise ConfigError(field, f"unknown preset {name_or_path!r}; run 'rb-labelrefine configs' to list them")
+        key = f"preset {name_or_path}"
+        data = _read_yaml(_read_text(f, f"preset {name_or_path}", field), f"preset {name_or_path}")
         data.setdefault("name", name_or_path)
+    if key in _chain:
+        raise ConfigError("base", "inheritance cycle: " + " -> ".join(_chain + (key,)))
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(load_raw(base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"base (in {key})", f"must be a preset name or a YAML path, got {base!r}")
+        data = _merge(load_raw(base, _chain + (key,)), data)
     return data
 
 

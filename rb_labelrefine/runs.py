@@ -12,9 +12,15 @@
 The weight files hold the state dict of the :class:`~rb_labelrefine.models.NormalizedModel`
 (inputs in [0, 1]), with ``arch``, ``num_classes``, ``dataset`` and ``epoch`` in the
 safetensors metadata.
+
+A run's files prove they belong together: ``checkpoint.pt`` and both weight files carry the
+:func:`config_fingerprint` of the resolved config (the fields allowed to differ on resume left
+out) and the package version, and :func:`check_fingerprint` compares them with ``config.yaml``
+on resume, eval and export, naming the fields that differ.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -25,7 +31,8 @@ import torch
 
 __all__ = ["RUN_FILES", "load_run_config", "load_run_model", "build_model_for", "read_weights",
            "write_weights", "info_from_metadata", "info_to_metadata", "check_name", "load_state_checked",
-           "NAME_RE", "NAME_MAX"]
+           "NAME_RE", "NAME_MAX", "RESUMABLE_DIFFERENCES", "flatten_config",
+           "config_fingerprint", "fingerprint_metadata", "check_fingerprint", "check_run_weights"]
 
 # Model and data-set names become file names, path components, model-zoo keys and Python string
 # literals in generated code, so one strict pattern covers them all, wherever they come from
@@ -47,6 +54,74 @@ RUN_FILES = {
 }
 
 
+# Fields that may differ between a run and its resume (they do not change the results).
+RESUMABLE_DIFFERENCES = {"train.device", "train.threads", "train.log_every", "data.num_workers", "name",
+                         "description"}
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """``{"attack.eps": ..., "model.kwargs": {...}, ...}`` of a config dict."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flatten_config(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _fingerprinted_fields(cfg) -> dict:
+    from .config import config_to_dict
+
+    return {k: v for k, v in flatten_config(config_to_dict(cfg)).items() if k not in RESUMABLE_DIFFERENCES}
+
+
+def config_fingerprint(cfg) -> str:
+    """SHA-256 (hex, 16 digits) of the config fields that shape a run's results."""
+    text = json.dumps(_fingerprinted_fields(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint_metadata(cfg) -> dict:
+    """What a checkpoint / weights file stores to prove which run wrote it."""
+    from . import __version__
+
+    return {"config_fingerprint": config_fingerprint(cfg),
+            "run_config": json.dumps(_fingerprinted_fields(cfg), sort_keys=True, default=str),
+            "rb_labelrefine": __version__}
+
+
+def check_fingerprint(cfg, stored: dict, what: str, *, require: bool = True) -> None:
+    """Refuse (``ValueError``) a file whose stored fingerprint is not ``cfg``'s, naming the fields
+    that differ (``stored`` is a checkpoint dict or a weights file's metadata).  A file without a
+    fingerprint (written before files carried one) is refused only when ``require``."""
+    fp = stored.get("config_fingerprint") if isinstance(stored, dict) else None
+    if fp is None:
+        if require:
+            raise ValueError(f"{what} carries no run fingerprint, so nothing proves it belongs to this run "
+                             "(written by hand or by an older rb_labelrefine); start a new run")
+        return
+    if fp == config_fingerprint(cfg):
+        return
+    mine = _fingerprinted_fields(cfg)
+    try:
+        theirs = json.loads(stored.get("run_config") or "{}")
+    except (TypeError, ValueError):
+        theirs = {}
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)) if theirs else []
+    shown = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine.get(k)!r} in config.yaml" for k in diff[:6])
+    more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
+    raise ValueError(f"{what} belongs to another run ({shown or 'its config fingerprint differs'}{more}); "
+                     "it was not used and nothing was changed")
+
+
+def check_run_weights(run_dir, cfg, meta: dict, which: str) -> None:
+    """For export and eval: ``meta`` (of ``run_dir``'s ``which`` weights) belongs to the run whose
+    resolved config is ``cfg``.  Weights written before files carried a fingerprint pass."""
+    check_fingerprint(cfg, meta, str(Path(run_dir) / RUN_FILES[which]), require=False)
+
+
 def load_run_config(run_dir):
     from .config import load_config
 
@@ -58,23 +133,32 @@ def load_run_config(run_dir):
 
 def build_model_for(cfg, info):
     """Build the (untrained) model a config describes, for the data set ``info`` describes."""
+    from .config import ConfigError
     from .models import build_model
 
-    return build_model(cfg.model.arch, num_classes=info.num_classes, in_channels=info.channels,
-                       image_size=info.image_size, mean=info.mean, std=info.std, **(cfg.model.kwargs or {}))
+    kwargs = cfg.model.kwargs or {}
+    try:
+        return build_model(cfg.model.arch, num_classes=info.num_classes, in_channels=info.channels,
+                           image_size=info.image_size, mean=info.mean, std=info.std, **kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, RuntimeError, KeyError, OverflowError, ZeroDivisionError) as exc:
+        field = "model.kwargs" if kwargs else "model.arch"
+        raise ConfigError(field, f"{cfg.model.arch} cannot be built with {kwargs or 'its defaults'} "
+                          f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
 
 
 def write_weights(model: torch.nn.Module, path, metadata: Optional[dict] = None) -> Path:
     """Write a state dict as safetensors, atomically (temporary file, fsync, rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from .training.io import atomic_path
+    from .training.io import atomic_write_bytes
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return Path(path)
+    # serialised in memory, written by Python: a full disk or a read-only directory is an OSError
+    # naming the path (and the bytes needed), not an opaque SafetensorError
+    return atomic_write_bytes(path, save(state, metadata=meta))
 
 
 def read_weights(path) -> tuple[dict, dict]:
@@ -84,6 +168,8 @@ def read_weights(path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -192,6 +278,14 @@ def load_run_model(run_dir, which: str = "best", device="cpu"):
     cfg = load_run_config(run_dir)
     path = run_dir / RUN_FILES[which]
     state, meta = read_weights(path)
+    check_run_weights(run_dir, cfg, meta, which)
     info = info_from_metadata(meta, str(path))
     model = load_state_checked(build_model_for(cfg, info), state, str(path), cfg.model.arch)
     return model.to(device).eval(), cfg, info
+
+
+def load_error_detail(exc) -> str:
+    """The informative line of a load_state_dict error (its first line is only "Error(s) in
+    loading state_dict for X:"; the next names the missing keys or the mismatching shapes)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__))[:300]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
@@ -43,6 +44,19 @@ def _as_float(v) -> Optional[float]:
     return float(v)
 
 
+def _percent(v, field: str) -> Optional[float]:
+    """An accuracy in percent: a finite number in [0, 100] (NaN or 150 would rank first)."""
+    if v is None or v == "":
+        return None
+    try:
+        out = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field} must be a number (percent), got {v!r}") from None
+    if not (math.isfinite(out) and 0.0 <= out <= 100.0):
+        raise ValueError(f"{field} must be a percentage in [0, 100], got {v!r}")
+    return out
+
+
 def _parse_input(result) -> dict:
     """Accept a run_autoattack/benchmark result, a model_info dict / JSON path, or a ModelInfo."""
     if isinstance(result, (str, Path)):
@@ -58,11 +72,14 @@ def _parse_input(result) -> dict:
     eps = result.get("eps")
     if isinstance(eps, str) and "/" in eps:
         num, den = eps.split("/", 1)
-        eps = float(num) / float(den)
+        try:
+            eps = float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps must be a number or a fraction like 8/255, got {eps!r}") from None
     return {
         "name": result.get("name") or result.get("model_name") or "your model",
-        "autoattack_acc": float(aa),
-        "clean_acc": _as_float(result.get("clean_acc")),
+        "autoattack_acc": _percent(aa, "the AutoAttack accuracy"),
+        "clean_acc": _percent(result.get("clean_acc"), "the clean accuracy"),
         "extra_data": result.get("additional_data", result.get("extra_data")),
         "eps": _as_float(eps),
         "norm": result.get("norm") or result.get("threat_model"),

@@ -125,7 +125,7 @@ class DistributedContext:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.backend = backend
         self.enabled = world_size > 1
-        self._pending_signal: Optional[int] = None
+        self.pending_signal: Optional[int] = None  # set by the trainer's signal handler, agreed on in after_update
         self._buffers: Optional[list] = None
         self._carried = (0.0, 0.0)
         self._guard = None
@@ -202,14 +202,6 @@ class DistributedContext:
         if not self.is_main:
             trainer.log = lambda msg: None
             trainer.progress = False
-        # ranks act on a SIGTERM/SIGINT only once all agree (see after_update)
-        trainer._on_signal = functools.partial(self._on_signal, trainer)
-
-    def _on_signal(self, trainer, signum, frame):
-        if self._pending_signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self._pending_signal = signum
-        trainer.log(f"received {signal.Signals(signum).name}: finishing the current step, then checkpointing")
 
     def shard_loader(self, trainer) -> None:
         """Replace the trainer's loader by this rank's slices of the same global batches."""
@@ -287,13 +279,13 @@ class DistributedContext:
         # stop signals: every step with gloo (cheap), at the non-finite check interval with nccl
         if self.backend == "nccl" and (trainer.global_step + 1) % guard.check_every != 0:
             return
-        if self.any_true(self._pending_signal is not None):
-            trainer._stop_signal = self._pending_signal or signal.SIGTERM
-            self._pending_signal = None
+        if self.any_true(self.pending_signal is not None):
+            trainer._stop_signal = self.pending_signal or signal.SIGTERM
+            self.pending_signal = None
             if not guard.per_step:  # a checkpoint follows: never checkpoint a state that went non-finite
                 bad = guard.check(trainer.global_step)
                 if bad is not None:
-                    from .trainer import NonFiniteLossError
+                    from .errors import NonFiniteLossError
                     epoch = bad.step // max(trainer.steps_per_epoch, 1)
                     raise NonFiniteLossError(f"non-finite training loss ({bad.value}) at epoch {epoch + 1}, "
                                              f"step {bad.step + 1}{bad.note}")

@@ -6,22 +6,35 @@
 * :func:`safe_torch_load` -- ``torch.load(weights_only=True)``: tensors and plain containers
   only.  A file that would need full unpickling (arbitrary classes, ``__reduce__`` payloads) is
   refused with :class:`UnsafeCheckpointError` and nothing in it is executed.
+* A failed write (disk full, read-only, permissions) raises :class:`StorageError` naming the path
+  (and, when the disk is full, the bytes needed); :func:`ensure_writable_dir` finds out before
+  any work is done.
+* :class:`RunLock` -- one writer per run directory (``fcntl.flock``: the kernel releases it when
+  its holder exits in any way, kill -9 included, so a lock left by a dead process is never stale).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import pickle
+import pickletools
 import re
+import socket
 import tempfile
+import zipfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from .errors import RunLockedError
+
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "safe_torch_load", "remove_stale_temps", "UnsafeCheckpointError"]
+           "safe_torch_load", "remove_stale_temps", "UnsafeCheckpointError", "StorageError", "ensure_writable_dir",
+           "RunLock", "LOCK_FILE"]
 
 # mkstemp creates its file with mode 0600; the renamed result should get the mode a plain
 # open() would give it (0666 & ~umask), or other users/containers cannot read runs they share.
@@ -31,6 +44,32 @@ os.umask(_UMASK)
 
 class UnsafeCheckpointError(RuntimeError):
     """The file is not loadable without executing code from it."""
+
+
+class StorageError(OSError):
+    """A file or directory could not be written: the message names the path, the reason and, for
+    a full disk, how many bytes the write needed."""
+
+    def __init__(self, path, exc: OSError, size: Optional[int] = None, action: str = "write"):
+        code = exc.errno if isinstance(exc, OSError) else None
+        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+        msg = f"cannot {action} {path}: {reason}"
+        if code == errno.ENOSPC:
+            need = f"{size:,} bytes needed" if size is not None else "size of the write unknown"
+            msg += f" ({need}, {_free_bytes(Path(path).parent)} free)"
+        super().__init__(code, msg, str(path))
+        self.path, self.size = Path(path), size
+
+    def __str__(self):
+        return self.strerror
+
+
+def _free_bytes(directory: Path) -> str:
+    try:
+        st = os.statvfs(str(directory))
+        return f"{st.f_bavail * st.f_frsize:,} bytes"
+    except OSError:
+        return "unknown"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,23 +86,34 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``."""
+def atomic_path(path, size: Optional[int] = None):
+    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``.
+    An ``OSError`` on the way (the writer's included) becomes a :class:`StorageError` naming
+    ``path``; ``size`` (bytes, when known) goes into a disk-full message."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(path, exc, size) from None
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         yield tmp
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(path, exc, size) from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
@@ -83,7 +133,7 @@ def remove_stale_temps(directory, names) -> list:
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size=len(data)) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -102,16 +152,65 @@ def atomic_torch_save(obj, path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _weights_only_reason(exc) -> str:
-    """What the weights-only unpickler refused (e.g. "Unsupported global: GLOBAL builtins.exec was
-    not an allowed global by default"): torch's message starts with a generic, ANSI-coloured
-    preamble and names the culprit on a later "WeightsUnpickler error:" line."""
+def _weights_only_reason(exc, path: Path) -> str:
+    """What the weights-only unpickler refused, e.g. "Unsupported global: GLOBAL builtins.exec was
+    not an allowed global by default".  torch's message starts with a generic, ANSI-coloured
+    preamble and puts the culprit after "WeightsUnpickler error:" -- at the start of a line, in the
+    middle of one, or on the next line, depending on the torch version and the pickle protocol.
+    Some refusals name no global at all ("Unsupported operand 149" for protocol 4); then the
+    globals the file references are read from its opcodes (never executed) and named."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("WeightsUnpickler error:"):
-            return line[len("WeightsUnpickler error:"):].split(". Please use")[0].strip().rstrip(".")[:300]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = ""
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. Please use|\n\s*\n\s*Check the documentation|$)", text, re.S)
+    if m:
+        reason = " ".join(m.group(1).split()).rstrip(".")
+    if not reason:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+    if "global" not in reason.lower():
+        names = _pickle_globals(path)
+        if names:
+            reason += f"; the file references {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+    return reason[:300]
+
+
+_SAFE_GLOBALS = re.compile(r"^(torch\.|collections\.OrderedDict$|builtins\.(set|frozenset|bytearray|slice|complex)$|"
+                           r"_codecs\.encode$|numpy\.)")
+
+
+def _pickle_globals(path: Path, limit: int = 64 << 20) -> list:
+    """``module.name`` of every global a pickle (plain, or the data.pkl of a torch zip file) refers
+    to, torch's and numpy's own left out.  Reads opcodes only; nothing is resolved or called."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if member is None or z.getinfo(member).file_size > limit:
+                    return []
+                data = z.read(member)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    names, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                strings.append(arg)
+            elif op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif op.name == "STOP":
+                break
+    except Exception:  # noqa: BLE001 - a malformed pickle: report what was read up to there
+        pass
+    return [n for n in dict.fromkeys(names) if not _SAFE_GLOBALS.match(n)]
+
+
+def _first_line(exc) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0][:300] if lines else type(exc).__name__
 
 
@@ -120,13 +219,126 @@ def safe_torch_load(path, map_location="cpu"):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a torch checkpoint")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a torch checkpoint")
     try:
         return torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs full unpickling, which can execute arbitrary code "
-            f"(weights-only load said: {_weights_only_reason(exc)}). Only load checkpoints "
+            f"(weights-only load said: {_weights_only_reason(exc, path)}). Only load checkpoints "
             "saved as tensors/plain containers or safetensors; if you trust the file, convert it "
             "yourself to a state_dict of tensors.") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:300]})") from None
+    except PermissionError as exc:
+        raise StorageError(path, exc, action="read") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError,
+            MemoryError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def ensure_writable_dir(path, what: str = "--out") -> Path:
+    """Create ``path`` (and its parents) if needed and prove a file can be written in it -- before
+    hours of work, not after.  A path that is a file or a symlink loop is bad input
+    (``ValueError`` naming ``what``); a read-only or full file system is a :class:`StorageError`."""
+    path = Path(path)
+    try:
+        path.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
+        raise ValueError(f"{what}: {path} cannot be resolved ({_first_line(exc)})") from None
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}: {path} exists and is not a directory")
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{what}: {path} is a dangling symbolic link")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{what}: {path} (or one of its parents) exists and is not a directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{what}: {path} is a symbolic link loop") from None
+        raise StorageError(path, exc, action="create the directory") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rb_labelrefine.", suffix=".probe", dir=str(path))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StorageError(path, exc, action="write into") from None
+    return path
+
+
+LOCK_FILE = ".rb_labelrefine.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``DIR/.rb_labelrefine.lock``), held while a run trains.
+
+    ``fcntl.flock`` on an open file: the kernel drops it when the holder exits however it exits
+    (kill -9 included), so a lock file left behind by a dead process never blocks anyone; the file
+    holds the holder's PID and host for the message a second writer gets.  Released (and the file
+    removed) by :meth:`release`."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_FILE
+        self._fd: Optional[int] = None
+        self.stale: Optional[str] = None   # the holder a lock file named when it was found unlocked
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            except OSError as exc:
+                raise StorageError(self.path, exc, action="create the lock file") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunLockedError(
+                    f"{self.directory} is in use by another rb-labelrefine process ({holder}); one run directory "
+                    "takes one writer at a time: wait for it to finish or stop it, or choose another --out "
+                    "(nothing was changed)") from None
+            except OSError as exc:
+                os.close(fd)
+                raise StorageError(self.path, exc, action="lock") from None
+            # the holder before us may have removed the file between our open and our lock: then
+            # we locked an orphaned inode, and must lock the file that is there now
+            try:
+                same = os.fstat(fd).st_ino == os.stat(str(self.path)).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _read_holder(fd)
+        self.stale = previous if previous != "PID unknown" else None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(str(self.path))     # while still locked: nobody can have taken it meanwhile
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "PID unknown"

@@ -17,6 +17,7 @@ a checkpoint of *everything* that shapes the run is written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,8 +40,13 @@ from ..averaging import AWP, EMA, SWA, scale_decay
 from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..objectives import build_objective
 from ..rectifiers.registry import BuildContext, build_rectifier
-from ..runs import RUN_FILES, build_model_for, info_to_metadata, read_weights, write_weights
-from .io import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temps, safe_torch_load
+from ..runs import (RESUMABLE_DIFFERENCES, RUN_FILES, build_model_for, check_fingerprint, fingerprint_metadata,
+                    info_to_metadata, read_weights, write_weights)
+from ..runs import flatten_config as _flatten
+from ..runs import load_error_detail as _load_error_detail
+from .errors import NonFiniteLossError, ResumeError, TrainingInterrupted
+from .io import (RunLock, atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir,
+                 remove_stale_temps, safe_torch_load)
 # [fast paths / DDP hook] step runtime (amp, channels_last, compile, sync-free checks) and torchrun support
 from ..fast import StepRuntime
 from .distributed import init_distributed, is_main_process, rank_zero_only
@@ -54,21 +60,9 @@ write_weights = rank_zero_only(write_weights, returns_path_arg=1)
 __all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLossError", "ResumeError", "train"]
 
 CHECKPOINT_FORMAT = 1
-# Fields that may differ between a run and its resume (they do not change the results).
-RESUMABLE_DIFFERENCES = {"train.device", "train.threads", "train.log_every", "data.num_workers", "name",
-                         "description"}
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM/SIGINT: the current step finished, a checkpoint was written."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/Inf; the last good state was checkpointed."""
-
-
-class ResumeError(ValueError):
-    """The resume directory does not belong to this config, or its checkpoint is unusable."""
+# What a checkpoint must hold (RESUMABLE_DIFFERENCES, the config fields that may differ on a
+# resume, and the run fingerprint live in rb_labelrefine/runs.py).
+_CHECKPOINT_KEYS = ("epoch", "batch", "global_step", "model", "optimizer", "rectifier", "rng", "best", "history")
 
 
 class EpochSampler(Sampler):
@@ -89,23 +83,20 @@ class EpochSampler(Sampler):
         return self.n - self.skip
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", "CUDA was requested but is not available on this machine")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError("train.device", f"not a device: {name!r} ({str(exc).strip()[:120]})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", f"{name!r} was requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError("train.device", f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device", "'mps' was requested but the MPS backend is not available on this machine")
     return dev
 
 
@@ -205,6 +196,7 @@ class Trainer:
         self._finishing = False  # True once the last training step is done (final writes, AutoAttack)
         self._datasets = datasets
         self._step_bufs = None
+        self._fingerprint = fingerprint_metadata(cfg)
 
     # ------------------------------------------------------------------ setup
     def _check_out_dir(self):
@@ -361,9 +353,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch: int, batch: int) -> dict:
+        scaler = self._fast.scaler
         return {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
+            "config_fingerprint": self._fingerprint["config_fingerprint"],
+            "run_config": self._fingerprint["run_config"],
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch, "batch": batch, "global_step": self.global_step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -377,29 +373,65 @@ class Trainer:
             "epoch_acc": {k: float(v) for k, v in self.epoch_acc.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
+        """Restore a checkpoint -- only one that proves it belongs to this run (its fingerprint),
+        whose positions fit this run's schedule and whose tensors have this run's shapes; anything
+        else is a :class:`ResumeError` naming what does not fit (nothing on disk is changed)."""
         if not isinstance(state, dict):
-            raise ResumeError(f"the checkpoint holds a {type(state).__name__}, not a training checkpoint")
+            raise ResumeError(f"{where} holds a {type(state).__name__}, not a training checkpoint")
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ResumeError(f"unsupported checkpoint format {state.get('format')!r}")
+            raise ResumeError(f"{where}: unsupported checkpoint format {state.get('format')!r}")
+        missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise ResumeError(f"{where} is incomplete: it has no {', '.join(repr(k) for k in missing)} "
+                              "(not a checkpoint written by rb_labelrefine's trainer)")
         try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise ResumeError(f"the checkpoint's model does not match the config: {_load_error_detail(exc)}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rectifier.load_state_dict(state["rectifier"])
-        if self.wa is not None:
-            self.wa.load_state_dict(state["wa"])
-        if self.swa is not None:
-            self.swa.load_state_dict(state["swa"])
-        if self.awp is not None:
-            self.awp.load_state_dict(state["awp"])
-        self.global_step = int(state["global_step"])
-        self.best = dict(state["best"])
-        self.history = json.loads(state["history"])
-        self.epoch_acc = dict(state.get("epoch_acc", {}))
-        self.start_epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
-        _set_rng_state(state["rng"])
+            check_fingerprint(self.cfg, state, where)
+        except ValueError as exc:
+            raise ResumeError(f"--resume: {exc}") from None
+        if state.get("version") != __version__:
+            self.log(f"note: {where} was written by rb_labelrefine {state.get('version')}, this is {__version__}: "
+                     "the resumed run may differ from an uninterrupted one")
+        E, spe = self.cfg.train.epochs, self.steps_per_epoch
+        epoch = _checked_int(state, "epoch", 0, E, where)
+        batch = _checked_int(state, "batch", 0, 0 if epoch == E else spe - 1, where)
+        step = _checked_int(state, "global_step", 0, E * spe, where)
+        if step != epoch * spe + batch:
+            raise ResumeError(f"{where}: 'global_step' is {step}, but epoch {epoch} and batch {batch} of {spe} steps "
+                              f"per epoch mean step {epoch * spe + batch}")
+        try:
+            history = json.loads(state["history"])
+            best = dict(state["best"])
+            epoch_acc = {k: float(v) for k, v in dict(state.get("epoch_acc") or {}).items()}
+            if not isinstance(history, list) or len(history) != epoch:
+                raise ValueError(f"{len(history) if isinstance(history, list) else 'no'} records for {epoch} epochs")
+            if not -1 <= int(best.get("epoch", -1)) <= epoch:
+                raise ValueError(f"best epoch {best.get('epoch')} after {epoch} epochs")
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ResumeError(f"{where}: 'history'/'best' do not fit ({str(exc)[:200]})") from None
+        parts = [("rectifier", self.rectifier), ("wa", self.wa), ("swa", self.swa)]
+        for name, owner in parts:
+            if owner is not None:
+                _check_shapes(owner.state_dict(), state.get(name), f"{where}: '{name}'")
+        loaders = [("model", self.model.load_state_dict), ("optimizer", self.optimizer.load_state_dict),
+                   ("rectifier", self.rectifier.load_state_dict)]
+        loaders += [(n, o.load_state_dict) for n, o in (("wa", self.wa), ("swa", self.swa), ("awp", self.awp))
+                    if o is not None]
+        if self._fast.scaler is not None and state.get("scaler"):
+            loaders.append(("scaler", self._fast.scaler.load_state_dict))
+        loaders.append(("rng", _set_rng_state))
+        for name, load in loaders:
+            try:
+                load(state[name])
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+                raise ResumeError(f"{where}: its '{name}' state does not fit this run: {_load_error_detail(exc)}") from None
+            if name == "optimizer":
+                _check_optimizer_shapes(self.optimizer, where)
+        self.global_step = step
+        self.best = best
+        self.history = history
+        self.epoch_acc = epoch_acc
+        self.start_epoch, self.start_batch = epoch, batch
 
     def save_checkpoint(self, epoch: int, batch: int) -> Path:
         path = self.out / RUN_FILES["checkpoint"]
@@ -443,9 +475,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame):
-        if self._stop_signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self._stop_signal = signum
+        """The one SIGTERM/SIGINT handler, in a single process and under torchrun.  During training
+        under torchrun the ranks act on a signal only once all of them agree, at the same step
+        (:meth:`DistributedContext.after_update`); after the last step (final writes, AutoAttack:
+        no more collectives) it applies at once, as in a single process."""
+        dist = getattr(self, "dist", None)
+        agree = dist is not None and dist.enabled and not self._finishing
+        if self._stop_signal is not None or (dist is not None and dist.pending_signal is not None):
+            raise KeyboardInterrupt  # second signal: stop now
+        if agree:
+            dist.pending_signal = signum
+        else:
+            self._stop_signal = signum
         if self._finishing:
             self.log(f"received {signal.Signals(signum).name} after the last training step: stopping after the "
                      "current write (a second signal stops at once)")
@@ -457,7 +498,59 @@ class Trainer:
         from ..config import check_runnable
 
         check_runnable(self.cfg)
-        self._check_out_dir()
+        # [DDP] rank 0 alone writes the directory, so it alone checks and locks it
+        writer = int(os.environ.get("RANK", "0")) == 0
+        if self.resume and not self.out.is_dir():  # refused before anything is created
+            raise ResumeError(f"--resume: no checkpoint at {self.out / RUN_FILES['checkpoint']} ({self.out} is not a "
+                              "directory); start a new run without --resume")
+        created = writer and not self.out.exists()
+        lock = None
+        if writer:
+            ensure_writable_dir(self.out)  # a read-only / full / bad --out fails now, not after hours of work
+            lock = RunLock(self.out).acquire()
+        try:
+            if lock is not None and lock.stale:
+                self.log(f"note: {self.out} held a lock file of a process that is gone ({lock.stale}); taken over")
+            self._check_out_dir()
+            done = self._finished_summary() if self.resume else None
+            if done is not None:
+                return done
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+            if created:
+                with contextlib.suppress(OSError):
+                    self.out.rmdir()  # only if the run failed before writing anything (empty)
+
+    def _finished_summary(self) -> Optional[dict]:
+        """``--resume`` of a finished run: its summary, after checking that the checkpoint belongs
+        to this config and ended training; nothing is written.  None when the run is not finished."""
+        paths = {k: self.out / RUN_FILES[k] for k in ("summary", "final", "checkpoint")}
+        if not all(p.is_file() for p in paths.values()):
+            return None
+        try:
+            summary = json.loads(paths["summary"].read_text())
+        except (OSError, ValueError):
+            return None  # torn by hand: the final stage is redone
+        state = safe_torch_load(paths["checkpoint"])
+        where = f"the checkpoint {paths['checkpoint']}"
+        if not isinstance(state, dict):
+            raise ResumeError(f"{where} holds a {type(state).__name__}, not a training checkpoint")
+        try:
+            check_fingerprint(self.cfg, state, where)
+            for which in ("best", "final"):
+                _, meta = read_weights(self.out / RUN_FILES[which])
+                check_fingerprint(self.cfg, meta, str(self.out / RUN_FILES[which]))
+        except ValueError as exc:
+            raise ResumeError(f"--resume: {exc}") from None
+        if (state.get("epoch"), state.get("batch")) != (self.cfg.train.epochs, 0) or not isinstance(summary, dict):
+            return None
+        self.log(f"--resume: {self.out} is finished (all {self.cfg.train.epochs} epochs, {RUN_FILES['summary']} "
+                 "written): nothing to do, nothing changed")
+        return summary
+
+    def _fit(self) -> dict:
         if self.out.is_dir():  # temporary files of writes cut short by a kill -9
             remove_stale_temps(self.out, RUN_FILES.values())
         self._setup()
@@ -467,7 +560,15 @@ class Trainer:
         self.history = []
         self.epoch_acc = {}
         if self.resume:
-            self.load_state_dict(safe_torch_load(self.out / RUN_FILES["checkpoint"], map_location=self.device))
+            ckpt = self.out / RUN_FILES["checkpoint"]
+            self.load_state_dict(safe_torch_load(ckpt, map_location=self.device), f"the checkpoint {ckpt}")
+            for which in ("best", "final"):  # a weights file dropped in from another run
+                if (self.out / RUN_FILES[which]).exists():
+                    try:
+                        check_fingerprint(self.cfg, read_weights(self.out / RUN_FILES[which])[1],
+                                          str(self.out / RUN_FILES[which]))
+                    except ValueError as exc:
+                        raise ResumeError(f"--resume: {exc}") from None
             self.log(f"resumed from {self.out / RUN_FILES['checkpoint']} at epoch {self.start_epoch + 1}, "
                      f"batch {self.start_batch}")
             if self.start_batch and self.cfg.data.augment and self.cfg.data.num_workers > 0:
@@ -550,6 +651,8 @@ class Trainer:
                 self.save_checkpoint(epoch + 1, 0)
                 self._interrupted(epoch + 1, 0)
         self._finishing = True
+        if self.dist.pending_signal is not None:  # arrived after the last step's agreement
+            self._stop_signal, self.dist.pending_signal = self.dist.pending_signal, None
         return self._finish(time.time() - t_start)
 
     def _snapshot_step_state(self):
@@ -713,8 +816,8 @@ class Trainer:
     def _weights_meta(self, epoch: int, which: str) -> dict:
         return {"arch": self.cfg.model.arch, "num_classes": self.info.num_classes, "dataset": self.info.name,
                 "epoch": epoch, "eval_model": which, "method": self.cfg.method.name,
-                "objective": self.cfg.objective.name, "rb_labelrefine": __version__,
-                "data_info": info_to_metadata(self.info)}
+                "objective": self.cfg.objective.name, "data_info": info_to_metadata(self.info),
+                **self._fingerprint}
 
     def _write_curves(self):
         if not self.history or not is_main_process():  # [DDP hook] rank 0 writes files
@@ -780,11 +883,41 @@ class Trainer:
         return out
 
 
-def _load_error_detail(exc) -> str:
-    """The informative line of a load_state_dict error (its first line is only "Error(s) in
-    loading state_dict for X:"; the next names the missing keys or the mismatching shapes)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__))[:300]
+def _checked_int(state: dict, key: str, lo: int, hi: int, where: str) -> int:
+    v = state[key]
+    if torch.is_tensor(v) and v.numel() == 1 and not v.is_floating_point():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ResumeError(f"{where}: '{key}' is {v!r}, not an integer")
+    if not lo <= v <= hi:
+        raise ResumeError(f"{where}: '{key}' is {v}, outside [{lo}, {hi}] for this run")
+    return v
+
+
+def _check_shapes(mine, theirs, where: str, path: str = "") -> None:
+    """Every tensor ``mine`` holds is in ``theirs`` with the same shape (``copy_`` would otherwise
+    broadcast a wrong-sized tensor silently)."""
+    if torch.is_tensor(mine):
+        if not torch.is_tensor(theirs) or theirs.shape != mine.shape:
+            got = tuple(theirs.shape) if torch.is_tensor(theirs) else type(theirs).__name__
+            raise ResumeError(f"{where}{path} has shape {got}, this run needs {tuple(mine.shape)}")
+    elif isinstance(mine, dict):
+        if not isinstance(theirs, dict):
+            raise ResumeError(f"{where}{path} is a {type(theirs).__name__}, not a state dict")
+        for k, v in mine.items():
+            if torch.is_tensor(v) or isinstance(v, dict):
+                if k not in theirs:
+                    raise ResumeError(f"{where}{path} has no {k!r}")
+                _check_shapes(v, theirs[k], where, f"{path}.{k}")
+
+
+def _check_optimizer_shapes(optimizer, where: str) -> None:
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                    raise ResumeError(f"{where}: optimizer state '{k}' of parameter {pi} (group {gi}) has shape "
+                                      f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")
 
 
 def _all_finite(obj) -> bool:
