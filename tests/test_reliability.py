@@ -648,16 +648,17 @@ def test_atomic_writes_keep_the_old_file_and_leave_no_temporary(tmp_path, monkey
             atomic_torch_save({"step": torch.tensor(2)}, ckpt)
         with pytest.raises(OSError, match="No space left"):
             write_weights(torch.nn.Linear(2, 2), w)
-    import safetensors.torch as st
-
+    real_write = Path.write_bytes
     for exc in (RuntimeError("writer crashed"), KeyboardInterrupt()):  # the writer dies half-way
-        def torn_save(tensors, filename, metadata=None, _exc=exc):
-            Path(filename).write_bytes(b"\x00" * 10)
+        def torn_write(self, data, _exc=exc):
+            real_write(self, data[:10])
             raise _exc
         with monkeypatch.context() as m:
-            m.setattr(st, "save_file", torn_save)
+            m.setattr(Path, "write_bytes", torn_write)
             with pytest.raises(type(exc)):
                 write_weights(torch.nn.Linear(2, 2), w)
+            with pytest.raises(type(exc)):
+                atomic_torch_save({"step": torch.tensor(3)}, ckpt)
     assert _hash_dir(tmp_path) == before and _temps(tmp_path) == []
     assert int(safe_torch_load(ckpt)["step"]) == 1
     # written files get the mode a plain open() would give them, not mkstemp's 0600

@@ -24,6 +24,7 @@ import pickletools
 import re
 import socket
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -224,7 +225,9 @@ def safe_torch_load(path, map_location="cpu"):
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes), not a torch checkpoint")
     try:
-        return torch.load(str(path), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": the refusal below says what matters
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+            return torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs full unpickling, which can execute arbitrary code "
@@ -250,6 +253,11 @@ def ensure_writable_dir(path, what: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what}: {path} exists and is not a directory")
     if path.is_symlink() and not path.exists():
+        try:
+            os.stat(str(path))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError(f"{what}: {path} is a symbolic link loop") from None
         raise ValueError(f"{what}: {path} is a dangling symbolic link")
     try:
         path.mkdir(parents=True, exist_ok=True)
