@@ -466,3 +466,12 @@ def test_grad_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
     u.load_state_dict(state)
     assert u._fast.scaler.get_scale() == 1234.0
     assert u._fast.scaler.state_dict() == t._fast.scaler.state_dict()
+
+
+def test_readme_lists_every_exit_code():
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \| ", readme, flags=re.M)}
+    codes = {v for k, v in vars(cli).items() if k.startswith("EXIT_")} | {130}
+    assert documented == codes
