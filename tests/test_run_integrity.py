@@ -205,16 +205,16 @@ CASES = {
     "weights of another shape": (
         lambda r, t: (_write_wide(_copy_run(r, t) / RUN_FILES["best"]),
                       ["eval", "--checkpoint", t / "run", "--n", "4"])[-1], 2,
-        ["best.safetensors does not match mlp", "size mismatch for"]),
+        ["best.safetensors does not match mlp", "model.1.weight is (32, 64), mlp has (64, 64)"]),
     "weights with unreadable data_info": (
         lambda r, t: (_write_meta(_copy_run(r, t) / RUN_FILES["best"], {"data_info": "{"}),
                       ["eval", "--checkpoint", t / "run", "--n", "4"])[-1], 2,
-        ["best.safetensors", "'data_info' metadata is not valid JSON"]),
+        ["best.safetensors", "data_info is not valid JSON"]),
     "weights with num_classes = -1": (
         lambda r, t: (_write_meta(_copy_run(r, t) / RUN_FILES["best"], {"data_info": json.dumps(
             {"name": "digits", "num_classes": -1, "channels": 1, "image_size": 8, "mean": [0.3], "std": [0.4]})}),
                       ["eval", "--checkpoint", t / "run", "--n", "4"])[-1], 2,
-        ["best.safetensors", "num_classes=-1"]),
+        ["best.safetensors", "data_info.num_classes must be in [1, 100000], got -1"]),
     "eval --n 0": (lambda r, t: ["eval", "--checkpoint", _copy_run(r, t), "--n", "0"], 2, ["--n: must be >= 1"]),
     "eval --json into a missing directory": (
         lambda r, t: ["eval", "--checkpoint", _copy_run(r, t), "--n", "4", "--json", t / "nodir" / "x.json"], 2,
