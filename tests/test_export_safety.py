@@ -338,6 +338,34 @@ def test_a_failed_overwrite_leaves_the_previous_export_intact(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
 
 
+def test_an_out_filled_during_the_export_is_not_replaced_without_overwrite(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _make_run(run)
+    out = tmp_path / "out"
+    out.mkdir()
+    real = rx._check_same_outputs
+
+    def concurrent_writer(*a):
+        (out / "theirs.txt").write_text("another export got here first")
+        return real(*a)
+
+    monkeypatch.setattr(rx, "_check_same_outputs", concurrent_writer)
+    with pytest.raises(ValueError, match="filled by another process"):
+        export_run(run, out, name="M")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_an_unwritable_out_parent_is_found_before_any_work(capsys, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _make_run(run)
+    monkeypatch.setattr(rx.os, "access", lambda p, mode: Path(p) != tmp_path)
+    monkeypatch.setattr(rx, "load_run_config", lambda d: pytest.fail("the run was read before --out was checked"))
+    with pytest.raises(PermissionError, match=f"--out: cannot create files in {tmp_path}"):
+        export_run(run, tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()
+
+
 # ----------------------------------------------------------------------------- 5. bad inputs, one table
 
 def _drop(key):

@@ -538,6 +538,13 @@ def _check_out(run_dir: Path, out: Path, overwrite: bool) -> Path:
                 raise ExportError(f"--out: {out} already holds the export {manifest.get('name')!r}"
                                   + (f" (edited since it was written: {', '.join(edited)})" if edited else "")
                                   + "; pass --overwrite to replace the whole export, or choose a new --out")
+    # the export is staged next to --out: its parent (or the first ancestor that exists) must be
+    # writable, found out now rather than after the model is built
+    ancestor = out_r.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"--out: cannot create files in {ancestor} (not writable)", str(ancestor))
     return out_r
 
 
@@ -571,13 +578,17 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Make the complete staged export ``out``. An existing ``out`` (empty, or an export being
     overwritten) is exchanged with it in one step where the system allows, else renamed aside
     first; either way ``out`` never holds a mix of two exports."""
     if not os.path.lexists(out):
         os.rename(tmp, out)
         return
+    if not overwrite and any(out.iterdir()):
+        # filled since _check_out looked (e.g. a concurrent export): never replace it unasked
+        raise ExportError(f"--out: {out} was filled by another process during the export; pass --overwrite to "
+                          "replace it, or choose a new --out")
     if _exchange(tmp, out):
         shutil.rmtree(tmp)        # now the previous export
         return
@@ -768,7 +779,7 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
             _check_same_outputs(model, load_exported(paths["weights_pt"]), "load_exported(.pt)", input_shape)
             if spec is not None:
                 _verify_with_robustbench(spec.build, name, tmp / "models", ds, tm, model, input_shape)
-        _move_into_place(tmp, out)
+        _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
