@@ -539,6 +539,22 @@ def test_no_zoo_entry_for_a_data_set_robustbench_does_not_have(tmp_path):
     assert json.loads(written["manifest"].read_text())["robustbench_architecture"] is None
 
 
+def test_curves_are_copied_only_when_they_are_a_png_file_of_the_run(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the export")
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+    for i, make in enumerate((lambda c: c.symlink_to(secret), lambda c: c.write_text("not a png"),
+                              lambda c: c.write_bytes(png))):
+        run = tmp_path / f"run{i}"
+        _make_run(run)
+        make(run / "curves.png")
+        written = export_run(run, tmp_path / f"out{i}", name="M")
+        assert ("curves" in written) == (i == 2)
+        if i == 2:
+            assert written["curves"].read_bytes() == png
+            assert "](curves.png)" in written["model_card"].read_text()
+
+
 # ----------------------------------------------------------------------------- crafted exports
 
 def test_load_exported_validates_an_exports_metadata(tmp_path):

@@ -716,8 +716,7 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
     from ..config import config_to_dict
 
     curves_src = run_dir / RUN_FILES["curves"]
-    has_curves = (curves_src.is_file() and not curves_src.is_symlink()
-                  and curves_src.open("rb").read(8) == b"\x89PNG\r\n\x1a\n")
+    has_curves = _is_png(curves_src)
     std_eps = DEFAULT_EPS.get((ds, tm)) if loadable else None
     zoo_note = None
     if spec is not None and not spec.native:
@@ -836,6 +835,14 @@ def _acc_str(result: Optional[dict], key: str) -> Optional[str]:
     if not result or result.get(key) is None:
         return None
     return str(round(float(result[key]), 2))
+
+
+def _is_png(path: Path) -> bool:
+    """A regular file (not a symlink, which could copy any file into the export) holding a PNG."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _read_summary(path: Path) -> Optional[dict]:
