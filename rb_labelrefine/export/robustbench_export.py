@@ -691,12 +691,9 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
 
     from ..models import build_model
 
-    def build():
-        return build_model(arch, num_classes=info.num_classes, in_channels=info.channels,
-                           image_size=info.image_size, mean=info.mean, std=info.std, **kwargs)
-
     try:
-        model = build()
+        model = build_model(arch, num_classes=info.num_classes, in_channels=info.channels,
+                            image_size=info.image_size, mean=info.mean, std=info.std, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ExportError(f"{cfg_file}: model.arch {arch!r} with model.kwargs {kwargs} cannot be built "
                           f"for the weights' data_info: {exc}") from None
