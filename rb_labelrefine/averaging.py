@@ -8,16 +8,20 @@
 * :class:`AWP` -- adversarial weight perturbation (Wu et al. 2020): before the update, move each
   layer's weight by ``gamma * ||w_l||`` in the ascent direction of the adversarial loss, take the
   gradient there, restore the weights exactly, step.
+* :class:`SAMAWP` -- the ADR code's AWP (``util/awp.py``, SAM-style): every parameter with a
+  gradient moves by ``rho * ||p|| * g / ||g||``, the gradient at the moved weights is applied to
+  the restored ones.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["EMA", "SWA", "AWP", "scale_decay", "bn_update"]
+__all__ = ["EMA", "SWA", "AWP", "SAMAWP", "build_awp", "scale_decay", "bn_update", "frozen_bn_stats"]
 
 
 def scale_decay(decay: float, steps_per_epoch: int, reference_steps_per_epoch: Optional[int]) -> float:
@@ -91,31 +95,69 @@ class EMA(nn.Module):
         self._pairs = None
 
 
+def _batchnorms(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
-def bn_update(loader: Iterable, model: nn.Module, device=None, max_batches: Optional[int] = None) -> None:
-    """Recompute BatchNorm running statistics with a cumulative average over ``loader``
-    (what ``torch.optim.swa_utils.update_bn`` does; written here so the loader may yield
-    ``(x, y, index)`` and so the pass can be bounded)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def bn_update(loader: Iterable, model: nn.Module, device=None, max_batches: Optional[int] = None,
+              form: str = "equal") -> None:
+    """Recompute BatchNorm running statistics over ``loader`` (which may yield ``(x, y, index)``).
+
+    ``form="equal"``: a cumulative average, every batch weighing the same (what
+    ``torch.optim.swa_utils.update_bn`` does); all BN buffers are reset first.
+    ``form="code"``: the KD+SWA code's ``utils.bn_update``: running mean 0 / variance 1, then
+    momentum ``b / (n + b)`` for a batch of ``b`` after ``n`` samples -- a mean weighted by batch
+    size (``num_batches_tracked`` is not reset there, and not here).
+    """
+    if form not in ("equal", "code"):
+        raise ValueError(f"form must be 'equal' or 'code', got {form!r}")
+    bns = _batchnorms(model)
     if not bns:
         return
     momenta = {}
     for m in bns:
-        m.reset_running_stats()
+        if form == "equal":
+            m.reset_running_stats()
+        else:
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0)
         momenta[m] = m.momentum
-        m.momentum = None  # cumulative moving average
+        m.momentum = None  # cumulative moving average (form "code" sets it per batch)
     was_training = model.training
     model.train()
+    n = 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         if device is not None:
             x = x.to(device)
+        if form == "code":
+            b = x.shape[0]
+            for m in bns:
+                m.momentum = b / (n + b)
+            n += b
         model(x)
     for m in bns:
         m.momentum = momenta[m]
     model.train(was_training)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """BatchNorm momentum 0 inside the block: train-mode forwards use batch statistics but leave
+    the running statistics as they are (the ADR code's ``disable_running_stats`` around its
+    second AWP pass; ``num_batches_tracked`` still counts, as there)."""
+    bns = _batchnorms(model)
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
 
 
 class SWA(nn.Module):
@@ -152,8 +194,8 @@ class SWA(nn.Module):
     def active(self) -> bool:
         return int(self.n_averaged) > 0
 
-    def update_bn(self, loader, device=None, max_batches=None):
-        bn_update(loader, self.module, device=device, max_batches=max_batches)
+    def update_bn(self, loader, device=None, max_batches=None, form: str = "equal"):
+        bn_update(loader, self.module, device=device, max_batches=max_batches, form=form)
         self.module.eval()
         self.bn_stale = False
 
@@ -180,6 +222,10 @@ class AWP:
     3. ``perturb``: w += v; the caller computes the loss and backward at w + v and steps;
        ``restore``: removes v (after ``optimizer.step()``, as the public code does).
     """
+
+    variant = "wu2020"
+    restores_before_step = False  # the update computed at w + v is applied at w + v, then v is removed
+    freezes_bn_stats = False
 
     def __init__(self, model: nn.Module, gamma: float = 0.005, proxy_lr: float = 0.01):
         if gamma <= 0:
@@ -257,3 +303,70 @@ class AWP:
     def load_state_dict(self, state: dict) -> None:
         self.gamma = float(state["gamma"])
         self.proxy_lr = float(state["proxy_lr"])
+
+
+class SAMAWP:
+    """The ADR code's AWP (``src/util/awp.py`` with ``advTrainer.py``), a SAM-style step:
+
+    1. ``perturb``: the training loss at w (a train-mode pass: BatchNorm running statistics are
+       updated here, at the unperturbed weights), its gradient g; for *every* parameter with a
+       gradient (biases and BatchNorm affine included), per parameter
+       ``e = g * (rho * ||p|| / (||g|| + 1e-20))`` and ``p += e`` (``first_step``);
+    2. the caller's training pass at w + e runs under :func:`frozen_bn_stats` (momentum 0, the
+       code's ``disable_running_stats``) and backpropagates;
+    3. ``restore`` *before* the optimizer step puts the saved w back exactly (``second_step``:
+       ``p.data = old_p``), so the SGD step applies the gradient at w + e to w.
+
+    In the ADR code this wraps plain SGD (momentum and weight decay, no Nesterov).
+    """
+
+    variant = "sam"
+    restores_before_step = True
+    freezes_bn_stats = True
+    EPS = 1e-20
+
+    def __init__(self, model: nn.Module, gamma: float = 0.005):
+        if gamma <= 0:
+            raise ValueError(f"AWP gamma (rho) must be > 0, got {gamma}")
+        self.gamma = float(gamma)
+        self._saved: Optional[list] = None
+        #: optional ``grads -> grads`` (the trainer's runtime: DDP averaging, fp16 overflow)
+        self.grad_transform: Optional[Callable[[list], list]] = None
+
+    def perturb(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+        """``loss_fn(model)``: the training loss at the current weights (same x', same target)."""
+        if self._saved is not None:
+            raise RuntimeError("AWP.perturb called twice without restore")
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss_fn(model), params, allow_unused=True)
+        if self.grad_transform is not None:
+            grads = self.grad_transform(list(grads))
+        with torch.no_grad():
+            moved = [(p, g) for p, g in zip(params, grads) if g is not None]
+            self._saved = [(p, p.detach().clone()) for p, _ in moved]
+            for p, g in moved:
+                scale = self.gamma * p.norm() / (g.norm() + self.EPS)
+                p.add_(g * scale)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        for p, old in self._saved:
+            p.copy_(old)
+        self._saved = None
+
+    def state_dict(self) -> dict:
+        return {"gamma": self.gamma, "variant": self.variant}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma = float(state["gamma"])
+
+
+def build_awp(variant: str, model: nn.Module, gamma: float, proxy_lr: float = 0.01):
+    """``awp.variant``: ``wu2020`` (:class:`AWP`) or ``sam`` (:class:`SAMAWP`)."""
+    if variant == "wu2020":
+        return AWP(model, gamma=gamma, proxy_lr=proxy_lr)
+    if variant == "sam":
+        return SAMAWP(model, gamma=gamma)
+    raise ValueError(f"AWP variant must be 'wu2020' or 'sam', got {variant!r}")

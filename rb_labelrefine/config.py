@@ -36,6 +36,10 @@ NORMS = ("Linf", "L2")
 BN_MODES = ("train", "eval")
 EVAL_MODELS = ("auto", "raw", "ema", "swa")
 SCHEDULES = ("multistep", "cosine", "constant")
+TRADES_FORWARDS = ("separate", "concat", "three_pass")
+ATTACK_STARTS = ("default", "uniform", "normal")
+SWA_BN_FORMS = ("equal", "code")
+AWP_VARIANTS = ("wu2020", "sam")
 
 
 class ConfigError(ValueError):
@@ -61,6 +65,9 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = 0
     seed: int = 0                   # seeds the splits, independent of the training seed
+    # drop the partial last training batch (the ADR code: 390 steps per CIFAR-10 epoch); the
+    # step count, the lr schedule, EMA decay scaling and resume all use the dropped count
+    drop_last: bool = False
 
 
 @dataclass
@@ -73,6 +80,10 @@ class ModelConfig:
 class ObjectiveConfig:
     name: str = "pgd_at"            # pgd_at | trades
     beta: float = 6.0               # TRADES / LTD lambda
+    # TRADES forward passes of the training loss (BatchNorm statistics differ, see objectives.py):
+    # separate: f(x), f(x') | concat: f(cat[x, x']) once, BatchNorm sees 2B (the ADR code)
+    # three_pass: f(x), f(x'), f(x) (the TRADES code)
+    forward: str = "separate"
 
 
 @dataclass
@@ -85,6 +96,11 @@ class AttackConfig:
     steps: int = 10
     random_start: bool = True
     bn_mode: str = "train"          # BatchNorm mode during the attack; the ADR and KD code attack in train mode
+    # Random start of PGD / TPGD (Linf): default = the attack's own (PGD: x + U(-eps, eps), clamped;
+    # TPGD: x + 0.001 N(0, 1), clamped); uniform = x + start_std U[0, 1), no clamp (the ADR code's
+    # TRADES attack); normal = x + start_std N(0, 1), no clamp (the TRADES code)
+    start: str = "default"
+    start_std: float = 0.001
 
 
 @dataclass
@@ -99,14 +115,24 @@ class SWAConfig:
     enabled: bool = False
     start_epoch: Optional[int] = None   # None: the first lr decay (Chen et al. 2021)
     bn_update: bool = True              # recompute BatchNorm statistics before evaluating the average
+    # equal: every batch weighs the same (cumulative average), recomputed when the average is next
+    # evaluated, over the training split in order; code: batches weigh by size (momentum b/(n+b)),
+    # after every snapshot, over the shuffled (augmented) training loader (the KD+SWA code)
+    bn_form: str = "equal"
 
 
 @dataclass
 class AWPConfig:
     enabled: bool = False
-    gamma: float = 0.005            # relative weight-perturbation radius (ADR uses 0.005)
+    # wu2020: Wu et al. 2020 / their code (proxy step, layer-wise on weights of rank >= 2, restored
+    # after the SGD step); sam: the ADR code's util/awp.py (every parameter with a gradient, restored
+    # before the SGD step, BatchNorm statistics from the pass at the unperturbed weights)
+    variant: str = "wu2020"
+    gamma: float = 0.005            # relative weight-perturbation radius (ADR: rho = 0.005)
+    # AWP is active from the 0-based epoch index warmup_epochs on.  The AWP code's epochs count
+    # from 1 ("epoch >= args.awp_warmup"): its --awp-warmup K is warmup_epochs = K - 1.
     warmup_epochs: int = 0
-    proxy_lr: float = 0.01
+    proxy_lr: float = 0.01          # wu2020 only
 
 
 @dataclass
@@ -118,6 +144,16 @@ class OptimConfig:
     schedule: str = "multistep"
     milestones: list = field(default_factory=lambda: [0.5, 0.75])   # fractions of training (<1) or epochs
     gamma: float = 0.1
+    # Linear warm-up over the first int(warmup_epochs * steps_per_epoch) steps, from
+    # warmup_start_lr towards lr; the schedule is not shifted by it (timm's CosineLRScheduler with
+    # warmup_prefix=False, as the ADR code uses it: 2.5 epochs from 1e-6).
+    warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0
+    # The lr of global step s is the schedule at max(s - lr_lag_steps, 0).  1 reproduces a timm
+    # scheduler stepped after the optimizer step with the step's own index (the ADR code's cosine
+    # runs); its multistep runs need 0 (timm's MultiStepLRScheduler adds the step back).
+    lr_lag_steps: int = 0
+    bn_weight_decay: bool = True    # false: no weight decay on normalisation-layer weights and biases
 
 
 @dataclass
@@ -337,6 +373,9 @@ def validate(cfg: Config) -> Config:
     _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", "must be >= 1")
     _check(d.test_subset is None or d.test_subset >= 1, "data.test_subset", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    if d.drop_last and d.train_subset is not None:
+        _check(d.train_subset >= d.batch_size, "data.drop_last",
+               f"drop_last with train_subset={d.train_subset} < batch_size={d.batch_size} leaves no training step")
 
     _check(bool(cfg.model.arch), "model.arch", "must name an architecture")
 
@@ -346,6 +385,10 @@ def validate(cfg: Config) -> Config:
     _check(o.name in OBJECTIVES, "objective.name", f"unknown objective {o.name!r}; choose one of {list(OBJECTIVES)}")
     _check(o.beta >= 0, "objective.beta", f"must be >= 0, got {o.beta}")
     cfg.method.check_config(cfg)
+    _check(o.forward in TRADES_FORWARDS, "objective.forward",
+           f"must be one of {list(TRADES_FORWARDS)}, got {o.forward!r}")
+    _check(o.forward == "separate" or o.name == "trades", "objective.forward",
+           f"forward={o.forward!r} is a form of the TRADES loss; objective.name is {o.name!r}")
 
     a = cfg.attack
     _check(a.name == "auto" or a.name in ATTACKS, "attack.name",
@@ -357,10 +400,20 @@ def validate(cfg: Config) -> Config:
     _check(a.bn_mode in BN_MODES, "attack.bn_mode", f"must be one of {list(BN_MODES)}, got {a.bn_mode!r}")
     if a.norm == "Linf":
         _check(a.eps <= 1.0, "attack.eps", f"an Linf radius above 1 covers the whole [0,1] input box, got {a.eps}")
+    _check(a.start in ATTACK_STARTS, "attack.start", f"must be one of {list(ATTACK_STARTS)}, got {a.start!r}")
+    _check(a.start_std > 0, "attack.start_std", f"must be > 0, got {a.start_std}")
+    if a.start != "default":
+        _check(a.name in ("auto", "pgd", "tpgd") and a.norm == "Linf", "attack.start",
+               f"start={a.start!r} is implemented for the Linf PGD and TPGD attacks, not {a.name} {a.norm}")
+        _check(a.random_start, "attack.start", f"start={a.start!r} needs attack.random_start=true")
 
     _check(0.0 <= cfg.wa.decay < 1.0, "wa.decay", f"must be in [0, 1), got {cfg.wa.decay}")
     _check(cfg.wa.warmup_epochs >= 0, "wa.warmup_epochs", "must be >= 0")
     _check(cfg.swa.start_epoch is None or cfg.swa.start_epoch >= 0, "swa.start_epoch", "must be >= 0")
+    _check(cfg.swa.bn_form in SWA_BN_FORMS, "swa.bn_form",
+           f"must be one of {list(SWA_BN_FORMS)}, got {cfg.swa.bn_form!r}")
+    _check(cfg.awp.variant in AWP_VARIANTS, "awp.variant",
+           f"must be one of {list(AWP_VARIANTS)}, got {cfg.awp.variant!r}")
     _check(cfg.awp.gamma > 0, "awp.gamma", f"must be > 0, got {cfg.awp.gamma}")
     _check(cfg.awp.warmup_epochs >= 0, "awp.warmup_epochs", "must be >= 0")
     _check(cfg.awp.proxy_lr > 0, "awp.proxy_lr", f"must be > 0, got {cfg.awp.proxy_lr}")
@@ -373,6 +426,12 @@ def validate(cfg: Config) -> Config:
     _check(op.gamma > 0, "optim.gamma", f"must be > 0 (the lr is multiplied by it at each milestone), got {op.gamma}")
     _check(all(isinstance(v, (int, float)) and v > 0 for v in op.milestones), "optim.milestones",
            "must be a list of positive numbers (fractions of training < 1, or epochs)")
+    _check(op.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {op.warmup_epochs}")
+    _check(op.warmup_epochs == 0 or op.warmup_epochs < cfg.train.epochs, "optim.warmup_epochs",
+           f"must be shorter than training (train.epochs={cfg.train.epochs}), got {op.warmup_epochs}")
+    _check(0 <= op.warmup_start_lr <= op.lr, "optim.warmup_start_lr",
+           f"must be in [0, optim.lr={op.lr}], got {op.warmup_start_lr}")
+    _check(op.lr_lag_steps >= 0, "optim.lr_lag_steps", f"must be >= 0, got {op.lr_lag_steps}")
 
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")

@@ -35,24 +35,45 @@ class PGDAT:
 
 class TRADES:
     """TRADES.  BatchNorm sees natural then adversarial data in the same step, which LTD
-    requires (LTD Sec. 4: one-kind-only runs failed to converge)."""
-    name = "trades"
+    requires (LTD Sec. 4: one-kind-only runs failed to converge).
 
-    def __init__(self, attack, beta: float = 6.0):
+    ``forward`` chooses the training-loss passes; the loss is the same function of the logits,
+    the BatchNorm batches (and so the logits and running statistics) differ:
+
+    * ``separate``: f(x), then f(x') -- two batches of B;
+    * ``concat``: f(cat[x, x']) split in two -- one batch of 2B (the ADR code, ``advTrainer.py``);
+    * ``three_pass``: f(x) for the CE term, f(x') and f(x) again for the KL term (the TRADES
+      code's ``trades_loss``: ``criterion_kl(log_softmax(model(x_adv)), softmax(model(x_natural)))``
+      after ``logits = model(x_natural)``) -- the running statistics are updated three times.
+    """
+    name = "trades"
+    FORWARDS = ("separate", "concat", "three_pass")
+
+    def __init__(self, attack, beta: float = 6.0, forward: str = "separate"):
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if forward not in self.FORWARDS:
+            raise ValueError(f"forward must be one of {list(self.FORWARDS)}, got {forward!r}")
         self.attack = attack
         self.beta = float(beta)
+        self.forward = forward
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
         # TPGD maximises KL(f(x) || f(x')) and ignores labels; other attacks get the labels
         return self.attack(x, target.for_attack)
 
     def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, target: Target):
-        logits_nat = model(x)
-        logits_adv = model(x_adv)
+        if self.forward == "concat":
+            logits = model(torch.cat([x, x_adv]))
+            logits_nat, logits_adv = logits[:x.shape[0]], logits[x.shape[0]:]
+        else:
+            logits_nat = model(x)
+            logits_adv = model(x_adv)
+        # three_pass: the KL's natural side is a third train-mode pass (equal logits, BatchNorm
+        # uses batch statistics; its running statistics see x a second time)
+        kl_nat = model(x) if self.forward == "three_pass" else logits_nat
         natural = target.loss(logits_nat, x, logits_nat=logits_nat, logits_adv=logits_adv)
-        return natural + self.beta * trades_kl(logits_nat, logits_adv), logits_adv
+        return natural + self.beta * trades_kl(kl_nat, logits_adv), logits_adv
 
 
 class Natural:
@@ -71,11 +92,13 @@ class Natural:
         return target.loss(logits, x, logits_nat=logits, logits_adv=logits), logits
 
 
-def build_objective(name: str, attack, beta: float = 6.0):
+def build_objective(name: str, attack, beta: float = 6.0, forward: str = "separate"):
+    if forward != "separate" and name != "trades":
+        raise ValueError(f"forward={forward!r} is a form of the TRADES loss, not of {name!r}")
     if name == "natural":
         return Natural(attack)
     if name == "pgd_at":
         return PGDAT(attack)
     if name == "trades":
-        return TRADES(attack, beta=beta)
+        return TRADES(attack, beta=beta, forward=forward)
     raise ValueError(f"unknown objective {name!r}; choose pgd_at, trades or natural")

@@ -18,12 +18,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .registry import register_model
 
-__all__ = ["preact_resnet18", "resnet18", "wrn", "wrn_28_10", "wrn_34_10", "wrn_70_16", "robustbench_call",
-           "RobustBenchCall", "ArchRef"]
+__all__ = ["Swish", "preact_resnet18", "dm_preact_resnet18", "resnet18", "wrn", "wrn_28_10", "wrn_34_10",
+           "wrn_70_16", "robustbench_call", "RobustBenchCall", "ArchRef"]
 
 
 def _architectures(module: str):
@@ -119,10 +120,63 @@ def robustbench_call(arch: str, num_classes: int, in_channels: int = 3, image_si
 def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
     """PreAct-ResNet-18 (He et al. 2016), RobustBench's ``PreActResNet`` (11.2M params).
 
-    ``kwargs`` (``bn_before_fc``, ``out_shortcut``) go to RobustBench's class.
+    ``kwargs`` (``bn_before_fc``, ``out_shortcut``) go to RobustBench's class, which is ReLU only:
+    the ADR code's swish PreAct-ResNet-18 is another network, ``dm_preact_resnet18``.
     """
+    if "activation" in kwargs:
+        raise ValueError(f"preact_resnet18 (RobustBench's PreActResNet) is ReLU only, got activation="
+                         f"{kwargs['activation']!r}; the ADR code's swish PreAct-ResNet-18 is "
+                         "model.arch=dm_preact_resnet18")
     _check_size("preact_resnet18", image_size)
     return _adapt_stem(_preact_call(num_classes, **kwargs).build(), in_channels)
+
+
+class _SwishFn(torch.autograd.Function):
+    """x * sigmoid(x) with the hand-written gradient sigmoid(x) * (1 + x * (1 - sigmoid(x))) of the
+    ADR / DeepMind code (autograd of x * sigmoid(x) rounds differently in the last bits)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad_output * (s * (1 + x * (1 - s)))
+
+
+class Swish(nn.Module):
+    """Swish / SiLU (Ramachandran et al. 2017) as the ADR code's ``create_model`` builds it."""
+
+    def forward(self, x):
+        return _SwishFn.apply(x)
+
+
+def _activation(arch: str, name: str):
+    acts = {"relu": nn.ReLU, "swish": Swish}
+    if name not in acts:
+        raise ValueError(f"{arch}: activation must be one of {sorted(acts)}, got {name!r}")
+    return acts[name]
+
+
+@register_model
+def dm_preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                       activation: str = "relu") -> nn.Module:
+    """PreAct-ResNet-18 in DeepMind's form (Gowal et al. 2020), RobustBench's ``DMPreActResNet``
+    (12.5M params): the network of the ADR code's ``preact-resnet18``, whose generated-data runs
+    use ``activation: swish`` (:class:`Swish`).  It is not ``preact_resnet18``: "SAME" padding by
+    hand, 3x3 convolution shortcuts, a final BatchNorm -- and other state-dict keys (``conv_2d``,
+    ``layer_0.0.batchnorm_0``, ..., ``logits``: those of RobustBench's DM models).  Normalisation
+    is the package's wrapper's, so the class's own mean / std are 0 / 1 (not in the state dict).
+    The activation is this module's :class:`Swish`, so it has no :func:`robustbench_call` entry.
+    """
+    _check_size("dm_preact_resnet18", image_size)
+    m = _architectures("dm_wide_resnet")
+    act = _activation("dm_preact_resnet18", activation)
+    return m.DMPreActResNet(num_classes=num_classes, depth=18, activation_fn=act, mean=(0.0,) * in_channels,
+                            std=(1.0,) * in_channels, num_input_channels=in_channels)
 
 
 @register_model

@@ -88,11 +88,13 @@ class ShardedBatchSampler(Sampler):
     deterministic order, the resume-mid-epoch skip and ``steps_per_epoch`` stay those of the
     single-process run."""
 
-    def __init__(self, base, batch_size: int, rank: int, world_size: int, on_set_epoch: Optional[Callable] = None):
+    def __init__(self, base, batch_size: int, rank: int, world_size: int, on_set_epoch: Optional[Callable] = None,
+                 drop_last: bool = False):
         if batch_size < world_size:
             raise ValueError(f"the global batch ({batch_size}) is smaller than the number of ranks ({world_size})")
         self.base, self.batch_size, self.rank, self.world_size = base, int(batch_size), int(rank), int(world_size)
         self.on_set_epoch = on_set_epoch
+        self.drop_last = bool(drop_last)  # data.drop_last: no partial last global batch
 
     def set_epoch(self, epoch: int, skip: int = 0):
         self.base.set_epoch(epoch, skip)
@@ -110,10 +112,14 @@ class ShardedBatchSampler(Sampler):
         order = list(iter(self.base))
         for i in range(0, len(order), self.batch_size):
             batch = order[i:i + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
             a, b = self.slice_bounds(len(batch), self.rank, self.world_size)
             yield batch[a:b]
 
     def __len__(self):
+        if self.drop_last:
+            return len(self.base) // self.batch_size
         return (len(self.base) + self.batch_size - 1) // self.batch_size
 
 
@@ -207,13 +213,14 @@ class DistributedContext:
         """Replace the trainer's loader by this rank's slices of the same global batches."""
         cfg = trainer.cfg
         B, W, n = cfg.data.batch_size, self.world_size, len(trainer.train_ds)
-        last = n % B
+        last = 0 if cfg.data.drop_last else n % B
         if B < W or 0 < last < W:
             from ..config import ConfigError
             raise ConfigError("data.batch_size", f"with {W} ranks every global batch needs at least {W} samples; "
                               f"{n} training samples in batches of {B} leave a last batch of {last or B}. "
                               "Choose another batch size (or data.train_subset).")
-        sampler = ShardedBatchSampler(trainer.sampler, B, self.rank, W, on_set_epoch=self._on_set_epoch(trainer))
+        sampler = ShardedBatchSampler(trainer.sampler, B, self.rank, W, on_set_epoch=self._on_set_epoch(trainer),
+                                      drop_last=cfg.data.drop_last)
         trainer.sampler = sampler
         trainer.train_loader = DataLoader(trainer.train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                           generator=trainer.train_loader.generator)

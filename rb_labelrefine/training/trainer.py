@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
 from ..attacks import build_attack, default_attack_name
-from ..averaging import AWP, EMA, SWA, scale_decay
+from ..averaging import EMA, SWA, build_awp, frozen_bn_stats, scale_decay
 from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..objectives import build_objective
 from ..rectifiers.registry import BuildContext, build_rectifier
@@ -102,15 +102,44 @@ def _resolve_device(name: str) -> torch.device:
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
     """Learning rate of a step.  Milestones < 1 are fractions of training (ADR: 0.5, 0.75),
-    larger ones are epochs (KD+SWA: 100, 150)."""
+    larger ones are epochs (KD+SWA: 100, 150); they apply from the first step of that epoch.
+
+    ``optim.lr_lag_steps`` evaluates the schedule ``lag`` steps earlier (clamped at step 0), and
+    ``optim.warmup_epochs`` replaces its first ``W = int(warmup_epochs * steps_per_epoch)`` steps
+    by ``warmup_start_lr + s * (lr - warmup_start_lr) / W`` -- timm's warm-up, not a shift of the
+    schedule (what the ADR code's cosine runs use, with lag 1)."""
     o, E = cfg.optim, cfg.train.epochs
+    spe = max(steps_per_epoch, 1)
+    s = max(epoch * spe + step_in_epoch - o.lr_lag_steps, 0)
+    warm = int(o.warmup_epochs * spe)
+    if s < warm:
+        return o.warmup_start_lr + s * (o.lr - o.warmup_start_lr) / warm
     if o.schedule == "constant":
         return o.lr
     if o.schedule == "cosine":
-        t = (epoch + step_in_epoch / max(steps_per_epoch, 1)) / E
+        t = (s // spe + (s % spe) / spe) / E
         return 0.5 * o.lr * (1 + math.cos(math.pi * min(t, 1.0)))
-    n = sum(1 for m in o.milestones if epoch >= (m * E if m < 1 else m))
+    n = sum(1 for m in o.milestones if s // spe >= (m * E if m < 1 else m))
     return o.lr * (o.gamma ** n)
+
+
+def count_steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    """Optimizer steps in an epoch of ``n`` samples (``data.drop_last``: full batches only)."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool = True):
+    """SGD parameter groups.  ``bn_weight_decay=False``: the weights and biases of normalisation
+    layers get no weight decay, every other parameter (convolution / linear biases included)
+    keeps it -- the ADR code's ``group_weight`` (with extra data), which exempts the parameters
+    whose names contain "batchnorm", i.e. its BatchNorm layers' weights and biases."""
+    if bn_weight_decay:
+        return [{"params": list(model.parameters())}]
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) not in norm]},
+            {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
 
 
 def first_decay_epoch(cfg: Config) -> int:
@@ -259,11 +288,14 @@ class Trainer:
             raise ConfigError("data.train_subset", "the training split is empty")
         self.sampler = EpochSampler(len(self.train_ds), cfg.train.seed)
         self.train_loader = DataLoader(self.train_ds, batch_size=cfg.data.batch_size, sampler=self.sampler,
-                                       num_workers=cfg.data.num_workers, drop_last=False,
+                                       num_workers=cfg.data.num_workers, drop_last=cfg.data.drop_last,
                                        # its own generator: creating an epoch's iterator must not
                                        # draw from the global RNG (bit-exact resume mid-epoch)
                                        generator=torch.Generator().manual_seed(cfg.train.seed))
-        self.steps_per_epoch = math.ceil(len(self.train_ds) / cfg.data.batch_size)
+        self.steps_per_epoch = count_steps_per_epoch(len(self.train_ds), cfg.data.batch_size, cfg.data.drop_last)
+        if self.steps_per_epoch == 0:
+            raise ConfigError("data.drop_last", f"{len(self.train_ds)} training samples make no full batch of "
+                              f"{cfg.data.batch_size}: drop_last leaves no training step")
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         # check the data against the model once, with clear messages, before hours of training
         x0, y0, i0 = next(iter(DataLoader(self.train_ds, batch_size=min(8, len(self.train_ds)))))
@@ -300,12 +332,15 @@ class Trainer:
         a = cfg.attack
         atk_name = default_attack_name(cfg.objective.name) if a.name == "auto" else a.name
         attack = build_attack(atk_name, self.model, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
-                              random_start=a.random_start, bn_mode=a.bn_mode)
-        self.objective = build_objective(cfg.objective.name, attack, beta=cfg.objective.beta)
-        self.awp = AWP(self.model, gamma=cfg.awp.gamma, proxy_lr=cfg.awp.proxy_lr) if cfg.awp.enabled else None
+                              random_start=a.random_start, bn_mode=a.bn_mode, start=a.start,
+                              start_std=a.start_std)
+        self.objective = build_objective(cfg.objective.name, attack, beta=cfg.objective.beta,
+                                         forward=cfg.objective.forward)
+        self.awp = (build_awp(cfg.awp.variant, self.model, gamma=cfg.awp.gamma, proxy_lr=cfg.awp.proxy_lr)
+                    if cfg.awp.enabled else None)
         o = cfg.optim
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay, nesterov=o.nesterov)
+        self.optimizer = torch.optim.SGD(param_groups(self.model, o.weight_decay, o.bn_weight_decay), lr=o.lr,
+                                         momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.eval_loaders()
         # [fast paths / DDP hook] amp, channels_last, compile, DDP wrapping + sharded loader (rb_labelrefine/fast.py)
         self._fast = StepRuntime(self, self.dist)
@@ -452,14 +487,21 @@ class Trainer:
             which = "swa" if (self.swa is not None and self.swa.active) else ("ema" if self.wa is not None else "raw")
         if which == "swa" and self.swa is not None and self.swa.active:
             if self.swa.bn_stale and self.cfg.swa.bn_update:
-                self.swa.update_bn(self._bn_loader(), device=self.device)
+                self.swa.update_bn(self._bn_loader(), device=self.device, form=self.cfg.swa.bn_form)
             return self.swa.module, "swa"
         if which == "ema" and self.wa is not None:
             return self.wa.module, "ema"
         return self.model, "raw"
 
-    def _bn_loader(self):
-        return DataLoader(self.train_ds, batch_size=self.cfg.data.batch_size, shuffle=False)
+    def _bn_loader(self, epoch: Optional[int] = None):
+        """The BatchNorm recompute pass over the training split: in order (form equal), or (form
+        code, ``epoch`` given) a fresh permutation of its own that depends only on (seed, epoch) --
+        the KD+SWA code walks its shuffled loader; the global RNG must not move (resume)."""
+        if epoch is None:
+            return DataLoader(self.train_ds, batch_size=self.cfg.data.batch_size, shuffle=False)
+        sampler = EpochSampler(len(self.train_ds), self.cfg.train.seed + 7919)
+        sampler.set_epoch(epoch)
+        return DataLoader(self.train_ds, batch_size=self.cfg.data.batch_size, sampler=sampler)
 
     def _evaluate(self, model: nn.Module, loader, steps: int) -> tuple[float, float]:
         from ..evaluation.pgd import clean_accuracy, pgd_accuracy
@@ -645,7 +687,9 @@ class Trainer:
             self._flush_epoch_acc(loss_sum, correct, seen, t0)
             self.rectifier.end_epoch(self.model)
             if self.swa is not None:
-                self.swa.end_epoch(self.model, epoch)
+                snap = self.swa.end_epoch(self.model, epoch)
+                if snap and cfg.swa.bn_update and cfg.swa.bn_form == "code":  # after every snapshot
+                    self.swa.update_bn(self._bn_loader(epoch), device=self.device, form="code")
             self._end_of_epoch(epoch)
             if self._stop_signal is not None:
                 self.save_checkpoint(epoch + 1, 0)
@@ -690,7 +734,8 @@ class Trainer:
             use_awp = self.awp is not None and epoch >= self.cfg.awp.warmup_epochs
             if use_awp:
                 self.awp.perturb(self.model, rt.awp_loss(self.objective, x, x_adv, target))
-            loss, logits_adv = self.objective.loss(rt.train_model, x, x_adv, target)
+            with (frozen_bn_stats(self.model) if use_awp and self.awp.freezes_bn_stats else contextlib.nullcontext()):
+                loss, logits_adv = self.objective.loss(rt.train_model, x, x_adv, target)
         bad = rt.nonfinite(loss)  # per step on the CPU; a device-side flag read every log_every steps elsewhere
         if bad is not None:
             if use_awp:
@@ -707,8 +752,10 @@ class Trainer:
         if self.cfg.train.grad_clip:
             rt.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        if use_awp and self.awp.restores_before_step:
+            self.awp.restore()
         rt.step(self.optimizer)
-        if use_awp:
+        if use_awp and not self.awp.restores_before_step:
             self.awp.restore()
         rt.after_update()  # DDP: rank 0's buffers, per-sample state gathered, agreed stop signals
         self.rectifier.after_step(self.model)
