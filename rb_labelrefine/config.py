@@ -36,7 +36,7 @@ NORMS = ("Linf", "L2")
 BN_MODES = ("train", "eval")
 EVAL_MODELS = ("auto", "raw", "ema", "swa")
 SCHEDULES = ("multistep", "cosine", "constant")
-TRADES_FORWARDS = ("separate", "concat", "three_pass")
+TRADES_FORWARDS = ("separate", "concat", "three_pass", "three_pass_adv_first")
 ATTACK_STARTS = ("default", "uniform", "normal")
 SWA_BN_FORMS = ("equal", "code")
 AWP_VARIANTS = ("wu2020", "sam")
@@ -82,7 +82,8 @@ class ObjectiveConfig:
     beta: float = 6.0               # TRADES / LTD lambda
     # TRADES forward passes of the training loss (BatchNorm statistics differ, see objectives.py):
     # separate: f(x), f(x') | concat: f(cat[x, x']) once, BatchNorm sees 2B (the ADR code)
-    # three_pass: f(x), f(x'), f(x) (the TRADES code)
+    # three_pass: f(x), f(x'), f(x) (the TRADES code) | three_pass_adv_first: f(x'), f(x), f(x)
+    # (the TRADES-AWP code; CE on the last pass)
     forward: str = "separate"
 
 
@@ -151,7 +152,8 @@ class OptimConfig:
     warmup_start_lr: float = 0.0
     # The lr of global step s is the schedule at max(s - lr_lag_steps, 0).  1 reproduces a timm
     # scheduler stepped after the optimizer step with the step's own index (the ADR code's cosine
-    # runs); its multistep runs need 0 (timm's MultiStepLRScheduler adds the step back).
+    # runs); its multistep runs need 0 (timm's MultiStepLRScheduler adds the step back); -1 is the
+    # locuslab PGD-AT code's lr_schedule(epoch + (i + 1) / n), each decay one step earlier.
     lr_lag_steps: int = 0
     bn_weight_decay: bool = True    # false: no weight decay on normalisation-layer weights and biases
 
@@ -431,7 +433,6 @@ def validate(cfg: Config) -> Config:
            f"must be shorter than training (train.epochs={cfg.train.epochs}), got {op.warmup_epochs}")
     _check(0 <= op.warmup_start_lr <= op.lr, "optim.warmup_start_lr",
            f"must be in [0, optim.lr={op.lr}], got {op.warmup_start_lr}")
-    _check(op.lr_lag_steps >= 0, "optim.lr_lag_steps", f"must be >= 0, got {op.lr_lag_steps}")
 
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")

@@ -44,10 +44,12 @@ class TRADES:
     * ``concat``: f(cat[x, x']) split in two -- one batch of 2B (the ADR code, ``advTrainer.py``);
     * ``three_pass``: f(x) for the CE term, f(x') and f(x) again for the KL term (the TRADES
       code's ``trades_loss``: ``criterion_kl(log_softmax(model(x_adv)), softmax(model(x_natural)))``
-      after ``logits = model(x_natural)``) -- the running statistics are updated three times.
+      after ``logits = model(x_natural)``) -- the running statistics are updated three times;
+    * ``three_pass_adv_first``: f(x') and f(x) for the KL term, then f(x) for the CE term (the
+      TRADES-AWP code's ``train_trades_cifar.py``).
     """
     name = "trades"
-    FORWARDS = ("separate", "concat", "three_pass")
+    FORWARDS = ("separate", "concat", "three_pass", "three_pass_adv_first")
 
     def __init__(self, attack, beta: float = 6.0, forward: str = "separate"):
         if beta < 0:
@@ -63,15 +65,20 @@ class TRADES:
         return self.attack(x, target.for_attack)
 
     def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, target: Target):
+        # three_pass*: the KL's natural side is a pass of its own (equal logits in train mode, as
+        # BatchNorm uses batch statistics; its running statistics see x a second time)
         if self.forward == "concat":
             logits = model(torch.cat([x, x_adv]))
             logits_nat, logits_adv = logits[:x.shape[0]], logits[x.shape[0]:]
+            kl_nat = logits_nat
+        elif self.forward == "three_pass_adv_first":
+            logits_adv = model(x_adv)
+            kl_nat = model(x)
+            logits_nat = model(x)
         else:
             logits_nat = model(x)
             logits_adv = model(x_adv)
-        # three_pass: the KL's natural side is a third train-mode pass (equal logits, BatchNorm
-        # uses batch statistics; its running statistics see x a second time)
-        kl_nat = model(x) if self.forward == "three_pass" else logits_nat
+            kl_nat = model(x) if self.forward == "three_pass" else logits_nat
         natural = target.loss(logits_nat, x, logits_nat=logits_nat, logits_adv=logits_adv)
         return natural + self.beta * trades_kl(kl_nat, logits_adv), logits_adv
 

@@ -63,7 +63,6 @@ def _bn(model):
     (["optim.warmup_epochs=-1"], "optim.warmup_epochs", "must be >= 0"),
     (["optim.warmup_epochs=40", "train.epochs=40"], "optim.warmup_epochs", "must be shorter than training"),
     (["optim.warmup_start_lr=5"], "optim.warmup_start_lr", "must be in [0, optim.lr"),
-    (["optim.lr_lag_steps=-1"], "optim.lr_lag_steps", "must be >= 0"),
     (["optim.lr_lag_steps=0.5"], "optim.lr_lag_steps", "expected int"),
     (["optim.bn_weight_decay=maybe"], "optim.bn_weight_decay", "expected bool"),
     (["data.drop_last=true", "data.train_subset=10", "data.batch_size=32"], "data.drop_last", "no training step"),
@@ -206,7 +205,7 @@ def _trades_loss_by_hand(logits_nat, logits_adv, kl_nat, y, beta):
     return ce + beta * (p * (F.log_softmax(kl_nat, 1) - F.log_softmax(logits_adv, 1))).sum(1).mean()
 
 
-@pytest.mark.parametrize("forward", ["separate", "concat", "three_pass"])
+@pytest.mark.parametrize("forward", ["separate", "concat", "three_pass", "three_pass_adv_first"])
 def test_trades_forward_forms_batches_and_running_statistics(forward):
     x, y = _batch(6)
     x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
@@ -216,7 +215,8 @@ def test_trades_forward_forms_batches_and_running_statistics(forward):
     rec = _Recorder(net)
     loss, logits_adv = TRADES(attack=None, beta=6.0, forward=forward).loss(rec, x, x_adv, _onehot(y))
 
-    batches = {"separate": [x, x_adv], "concat": [torch.cat([x, x_adv])], "three_pass": [x, x_adv, x]}[forward]
+    batches = {"separate": [x, x_adv], "concat": [torch.cat([x, x_adv])], "three_pass": [x, x_adv, x],
+               "three_pass_adv_first": [x_adv, x, x]}[forward]
     assert len(rec.inputs) == len(batches) and all(torch.equal(a, b) for a, b in zip(rec.inputs, batches))
     # running mean by hand: one EMA update per pass with that pass's batch statistics
     m = _bn(ref).momentum
@@ -230,6 +230,8 @@ def test_trades_forward_forms_batches_and_running_statistics(forward):
     outs = [ref(b) for b in batches]
     if forward == "concat":
         nat, adv, kl_nat = outs[0][:6], outs[0][6:], outs[0][:6]
+    elif forward == "three_pass_adv_first":
+        adv, kl_nat, nat = outs
     else:
         nat, adv = outs[0], outs[1]
         kl_nat = outs[2] if forward == "three_pass" else nat
@@ -356,6 +358,25 @@ def test_multistep_with_lag_0_equals_timm_as_the_adr_code_steps_it():
     for s in range(E * spe):
         assert lr_at(cfg, s // spe, s % spe, spe) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), s
         sch.step(s)
+
+
+def test_lag_minus_1_is_the_locuslab_schedule_and_sgls_is_milestones_99_149():
+    spe, E = 4, 8
+    lr_max = 0.1
+    # locuslab/robust_overfitting train_cifar.py: lr_schedule(epoch + (i + 1) / n), piecewise 0.5 / 0.75
+    cfg = load_config("digits-pgdat", [f"train.epochs={E}", "optim.lr=0.1", "optim.milestones=[0.5, 0.75]",
+                                       "optim.lr_lag_steps=-1"])
+    for epoch in range(E):
+        for i in range(spe):
+            t = epoch + (i + 1) / spe
+            expected = lr_max if t / E < 0.5 else (lr_max / 10 if t / E < 0.75 else lr_max / 100)
+            assert lr_at(cfg, epoch, i, spe) == pytest.approx(expected), (epoch, i)
+    assert lr_at(cfg, 3, spe - 1, spe) == pytest.approx(0.01)  # the last step of epoch 4 (1-based) is decayed
+    # devicerxx/SGLS main_adv.py: MultiStepLR([m1, m2]).step(epoch) with 1-based epochs, once per epoch
+    cfg = load_config("digits-pgdat", [f"train.epochs={E}", "optim.lr=0.1", "optim.milestones=[3, 5]"])
+    for epoch in range(E):
+        n = sum(1 for m in (4, 6) if epoch + 1 >= m)  # closed form: gamma ** bisect_right(milestones, epoch)
+        assert lr_at(cfg, epoch, 0, spe) == pytest.approx(lr_max * 0.1 ** n), epoch
 
 
 def test_no_lag_no_warmup_is_the_old_cosine():
