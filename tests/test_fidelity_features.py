@@ -390,7 +390,7 @@ def test_no_lag_no_warmup_is_the_old_cosine():
 
 def test_no_weight_decay_on_normalisation_parameters_only():
     net = _bn_net()
-    groups = param_groups(net, 0.1, bn_weight_decay=False)
+    groups = param_groups(net, bn_weight_decay=False)
     opt = torch.optim.SGD(groups, lr=1.0, momentum=0.0, weight_decay=0.1)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     for p in net.parameters():
@@ -399,7 +399,7 @@ def test_no_weight_decay_on_normalisation_parameters_only():
     for n, p in net.named_parameters():
         factor = 1.0 if n.startswith("1.") else 0.9  # "1." is the BatchNorm; conv / linear biases decay
         assert torch.allclose(p, before[n] * factor), n
-    assert len(param_groups(net, 0.1, True)) == 1
+    assert len(param_groups(net, True)) == 1
 
 
 # ----------------------------------------------------------------------------- SWA BatchNorm forms

@@ -128,7 +128,7 @@ def count_steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
-def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool = True):
+def param_groups(model: nn.Module, bn_weight_decay: bool = True) -> list:
     """SGD parameter groups.  ``bn_weight_decay=False``: the weights and biases of normalisation
     layers get no weight decay, every other parameter (convolution / linear biases included)
     keeps it -- the ADR code's ``group_weight`` (with extra data), which exempts the parameters
@@ -138,8 +138,9 @@ def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool = 
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
     params = list(model.parameters())
-    return [{"params": [p for p in params if id(p) not in norm]},
-            {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if id(p) not in norm]},
+              {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def first_decay_epoch(cfg: Config) -> int:
@@ -339,7 +340,7 @@ class Trainer:
         self.awp = (build_awp(cfg.awp.variant, self.model, gamma=cfg.awp.gamma, proxy_lr=cfg.awp.proxy_lr)
                     if cfg.awp.enabled else None)
         o = cfg.optim
-        self.optimizer = torch.optim.SGD(param_groups(self.model, o.weight_decay, o.bn_weight_decay), lr=o.lr,
+        self.optimizer = torch.optim.SGD(param_groups(self.model, o.bn_weight_decay), lr=o.lr,
                                          momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.eval_loaders()
         # [fast paths / DDP hook] amp, channels_last, compile, DDP wrapping + sharded loader (rb_labelrefine/fast.py)
