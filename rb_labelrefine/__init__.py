@@ -4,13 +4,16 @@ PyTorch robustness ecosystem (torchattacks, AutoAttack, RobustBench, timm).
 Attach a method to your own torchattacks loop::
 
     import rb_labelrefine as rl
-    rect = rl.ADR.cifar10(model, total_steps=len(loader) * epochs)
+    rect = rl.ADR.cifar10(model, total_steps=len(loader) * epochs).to(device)
     atk = torchattacks.PGD(model, eps=8/255, alpha=2/255, steps=10)
-    for x, y in loader:
-        target = rect.targets(x, y)
-        loss = target.loss(model(atk(x, target.for_attack)))
-        opt.zero_grad(); loss.backward(); opt.step()
-        rect.after_step(model)
+    for epoch in range(epochs):
+        for x, y, idx in loader:                      # rb_labelrefine.data.IndexedDataset
+            target = rect.targets(x, y, index=idx)
+            x_adv = atk(x, target.for_attack)
+            loss = target.loss(model(x_adv), x_adv)
+            opt.zero_grad(); loss.backward(); opt.step()
+            rect.after_step(model)
+        rect.end_epoch(model)
 """
 __version__ = "0.1.0"
 

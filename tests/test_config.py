@@ -246,3 +246,14 @@ def test_a_new_method_is_one_registration_away(tmp_path):
         assert exc.value.field == "method.strength"
     finally:
         del METHODS["toy"]
+
+
+def test_model_card_parameters_come_from_the_methods_settings():
+    from rb_labelrefine.export.model_card import _method_params
+
+    # KD shows the weights it trains with, not the unused custom pair
+    assert _method_params("kd", {"name": "kd", "kd_weights": "code"}).startswith(
+        "kd (kd_weights=code, robust_weight=0.6, standard_weight=0.1, temperature=2.0")
+    assert _method_params("ltd", {"name": "ltd"}) == "ltd (teacher=None, temperature=5.0)"
+    assert _method_params("onehot", {"name": "onehot"}) == "onehot"
+    assert _method_params("mystery", {"name": "mystery", "a": 1}) == "mystery (a=1)"  # unknown: shown as written

@@ -153,3 +153,26 @@ def test_kd_self_teachers():
     assert all(torch.equal(v, w0[k]) for k, v in robust.state_dict().items())
     assert not any(p.requires_grad for p in standard.parameters())
     assert losses[-1] < losses[0], losses
+
+
+def test_to_moves_every_piece_of_state_the_rectifier_owns():
+    """``rect.to(device)`` moves the EMA teacher, the frozen teachers and SGLR's memory (the
+    ``meta`` device stands in for an accelerator); stateless rectifiers return themselves."""
+    data, _ = _task()
+    meta = torch.device("meta")
+    model = _model()
+    cases = {
+        "onehot": (rl.OneHot(C), []),
+        "label_smoothing": (rl.LabelSmoothing(C), []),
+        "adr": (rl.ADR(model, C, total_steps=4), lambda r: list(r.teacher.module.state_dict().values())),
+        "sglr": (rl.SGLR(model, C, num_samples=N), lambda r: [r.memory, r.seen]),
+        "ltd": (rl.LTD(_model(), C), lambda r: list(r.teacher.state_dict().values())),
+        "kd": (rl.KDSelfTeachers(C, robust_teacher=_model(), standard_teacher=_model()),
+               lambda r: list(r.robust_teacher.state_dict().values()) + list(r.standard_teacher.state_dict().values())),
+    }
+    assert set(cases) == set(method_names())
+    for name, (rect, owned) in cases.items():
+        assert rect.to(meta) is rect, name
+        tensors = owned(rect) if callable(owned) else owned
+        assert all(t.device == meta for t in tensors), name
+    assert all(p.device.type == "cpu" for p in model.parameters())   # the student is the user's to move
