@@ -163,6 +163,8 @@ CASES = {
     "--out a symlink loop": (lambda r, t: (os.symlink(t / "loop", t / "loop"), _train_argv(t / "loop"))[-1], 2,
                              ["--out:", "loop"]),
     "--out a file": (lambda r, t: _train_argv(_yaml(t, "afile", "x")), 2, ["--out:", "afile", "not a directory"]),
+    "--out under a file": (lambda r, t: _train_argv(_yaml(t, "afile", "x") / "run"), 2, ["--out:", "afile/run"]),
+    "--out a 300-character name": (lambda r, t: _train_argv(t / ("x" * 300)), 2, ["--out:", "File name too long"]),
     "0-byte checkpoint.pt": (lambda r, t: ((_copy_run(r, t, unfinished=True) / RUN_FILES["checkpoint"]).write_bytes(b""),
                                            _train_argv(t / "run", resume=True))[-1], 2,
                              ["checkpoint.pt is empty (0 bytes)"]),
@@ -475,3 +477,32 @@ def test_readme_lists_every_exit_code():
     documented = {int(m) for m in re.findall(r"^\| (\d+) \| ", readme, flags=re.M)}
     codes = {v for k, v in vars(cli).items() if k.startswith("EXIT_")} | {130}
     assert documented == codes
+
+
+def test_fp16_run_interrupted_mid_epoch_resumes_with_its_grad_scaler(tmp_path, monkeypatch):
+    """fp16 autocast runs on this CPU: the GradScaler's growth tracker (steps since the last
+    overflow) continues across a resume instead of restarting at 0."""
+    from rb_labelrefine.fast import make_grad_scaler
+
+    cfg = load_config("digits-pgdat", TINY + ["train.amp=fp16"])
+    if make_grad_scaler(torch.device("cpu"), "fp16") is None:
+        pytest.skip("this torch has no CPU GradScaler")
+    Trainer(cfg, tmp_path / "ref", progress=False).fit()
+    orig = Trainer.train_step
+
+    def stop_at_5(self, *a, **k):
+        out = orig(self, *a, **k)
+        if self.global_step == 5 and not self.resume:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(Trainer, "train_step", stop_at_5)
+    with pytest.raises(TrainingInterrupted):
+        Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert safe_torch_load(tmp_path / "run" / RUN_FILES["checkpoint"])["scaler"]["_growth_tracker"] == 5
+    Trainer(cfg, tmp_path / "run", resume=True, progress=False).fit()
+    a, b = (safe_torch_load(tmp_path / d / RUN_FILES["checkpoint"]) for d in ("run", "ref"))
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == a["global_step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    mode = 0o666 & ~rio._UMASK  # weights get the mode of every other run file, not mkstemp's 0600
+    assert all((tmp_path / "run" / RUN_FILES[w]).stat().st_mode & 0o777 == mode for w in ("best", "final", "history"))

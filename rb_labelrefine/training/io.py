@@ -241,39 +241,45 @@ def safe_torch_load(path, map_location="cpu"):
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-def ensure_writable_dir(path, what: str = "--out") -> Path:
-    """Create ``path`` (and its parents) if needed and prove a file can be written in it -- before
-    hours of work, not after.  A path that is a file or a symlink loop is bad input
-    (``ValueError`` naming ``what``); a read-only or full file system is a :class:`StorageError`."""
+def ensure_writable_dir(path, what: str = "--out", create: bool = True) -> Optional[bool]:
+    """Prove a file can be written in directory ``path`` -- before hours of work, not after --,
+    creating it (and its parents) if ``create``.  Returns whether it was created, or None when it
+    does not exist and ``create`` is false.  A path that is a file, a symlink loop or too long is
+    bad input (``ValueError`` naming ``what``); a read-only or full file system is a
+    :class:`StorageError`."""
     path = Path(path)
     try:
         path.resolve(strict=False)
+        exists, is_dir, is_link = path.exists(), path.is_dir(), path.is_symlink()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
-        raise ValueError(f"{what}: {path} cannot be resolved ({_first_line(exc)})") from None
-    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}: {path}: {getattr(exc, 'strerror', None) or _first_line(exc)}") from None
+    if exists and not is_dir:
         raise ValueError(f"{what}: {path} exists and is not a directory")
-    if path.is_symlink() and not path.exists():
+    if is_link and not exists:
         try:
             os.stat(str(path))
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise ValueError(f"{what}: {path} is a symbolic link loop") from None
         raise ValueError(f"{what}: {path} is a dangling symbolic link")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"{what}: {path} (or one of its parents) exists and is not a directory") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ValueError(f"{what}: {path} is a symbolic link loop") from None
-        raise StorageError(path, exc, action="create the directory") from None
+    if not exists:
+        if not create:
+            return None
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ValueError(f"{what}: {path} (or one of its parents) exists and is not a directory") from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR):  # the path itself is wrong
+                raise ValueError(f"{what}: {path}: {exc.strerror}") from None
+            raise StorageError(path, exc, action="create the directory") from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".rb_labelrefine.", suffix=".probe", dir=str(path))
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         raise StorageError(path, exc, action="write into") from None
-    return path
+    return not exists
 
 
 LOCK_FILE = ".rb_labelrefine.lock"

@@ -543,13 +543,13 @@ class Trainer:
         check_runnable(self.cfg)
         # [DDP] rank 0 alone writes the directory, so it alone checks and locks it
         writer = int(os.environ.get("RANK", "0")) == 0
-        if self.resume and not self.out.is_dir():  # refused before anything is created
+        created, lock = False, None
+        if writer:  # a read-only / full / bad --out fails now, not after hours of work
+            created = ensure_writable_dir(self.out, create=not self.resume)
+        if self.resume and (created is None or not self.out.is_dir()):  # refused before anything is created
             raise ResumeError(f"--resume: no checkpoint at {self.out / RUN_FILES['checkpoint']} ({self.out} is not a "
                               "directory); start a new run without --resume")
-        created = writer and not self.out.exists()
-        lock = None
         if writer:
-            ensure_writable_dir(self.out)  # a read-only / full / bad --out fails now, not after hours of work
             lock = RunLock(self.out).acquire()
         try:
             if lock is not None and lock.stale:
