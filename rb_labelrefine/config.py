@@ -488,11 +488,11 @@ def _read_yaml(text: str, origin: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("<file>", f"{origin} is not valid YAML: {exc}") from None
+        raise ConfigError("--config", f"{origin} is not valid YAML: {exc}") from None
     if data is None:  # an empty file is a mistake, not "train the defaults"
-        raise ConfigError("<file>", f"{origin} is empty (no config in it)")
+        raise ConfigError("--config", f"{origin} is empty (no config in it)")
     if not isinstance(data, dict):
-        raise ConfigError("<file>", f"{origin} must hold a mapping at the top level")
+        raise ConfigError("--config", f"{origin} must hold a mapping at the top level")
     return data
 
 

@@ -30,8 +30,11 @@ trainer joins a process group (``nccl`` on CUDA -- one GPU per process, ``cuda:L
   PGD, test curve, SWA's BatchNorm pass) runs identically on every rank -- same weights, same RNG
   stream -- so the best-epoch decision agrees without communication; AutoAttack runs on rank 0.
 * **files and logs**: written by rank 0 only (:func:`rank_zero_only`); the other ranks are quiet.
-* **signals / non-finite loss**: ranks agree before acting (an all-reduce of the flags), so all of
-  them stop -- or raise -- at the same step.
+* **signals / non-finite loss**: the trainer's one signal handler notes a SIGTERM/SIGINT here
+  during training, and ranks agree before acting (an all-reduce of the flags), so all of them stop
+  -- or raise -- at the same step.  After the last step (final weights, AutoAttack: no collectives
+  left) a signal stops the rank at the next safe point, as in a single process.  The run
+  directory's lock is taken by rank 0, the only writer.
 
 Random starts: all ranks share one RNG stream (same seed; the checkpoint stores one RNG state), so
 the rank-``r`` slice of a batch draws the same noise as rank 0's slice.  With
