@@ -304,6 +304,14 @@ def test_overwrite_never_replaces_a_directory_that_is_not_an_export(capsys, tmp_
     assert _tree(tmp_path) == before
 
 
+def test_weights_of_this_run_are_exported_with_their_fingerprint(tmp_path):
+    run = tmp_path / "run"
+    _make_run(run, meta=_fingerprint(seed=0))
+    written = export_run(run, tmp_path / "out", name="M")
+    source = json.loads(written["manifest"].read_text())["source"]
+    assert source["config_fingerprint"] == _fingerprint(seed=0)["config_fingerprint"]
+
+
 def test_an_empty_existing_out_is_used(tmp_path):
     run = tmp_path / "run"
     _make_run(run)
@@ -409,7 +417,19 @@ BAD_INPUTS = {
             {"autoattack": {"best": {"robust_acc": 150.0, "clean_acc": 90.0, "n": 10}}})), [],
         ["summary.json", "autoattack.best.robust_acc", "150"]),
     "checkpoint missing": (lambda t, run: shutil.rmtree(run), [], ["--checkpoint", "does not exist"]),
+    "weights of another run": (lambda t, run: _remake(run, meta=_fingerprint(seed=1)), [],
+                               ["best.safetensors belongs to another run", "train.seed: 1 in the file, 0 in"]),
 }
+
+
+def _fingerprint(seed: int) -> dict:
+    """The fingerprint metadata the trainer writes, for a run like _make_run's but with ``seed``."""
+    from rb_labelrefine.config import config_from_dict
+    from rb_labelrefine.runs import fingerprint_metadata
+
+    cfg = Config()
+    cfg.data.name, cfg.model.arch, cfg.train.seed = "synthetic", "mlp", seed
+    return fingerprint_metadata(config_from_dict(yaml.safe_load(dump_config(cfg))))
 
 
 def _remake(run: Path, info=None, meta=None, kwargs=None, config_kwargs=None):

@@ -56,8 +56,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..runs import (NAME_MAX, NAME_RE, RUN_FILES, check_name, info_from_metadata, info_to_metadata,
-                    load_run_config, load_state_checked, read_weights)
+from ..runs import (NAME_MAX, NAME_RE, RUN_FILES, check_name, check_run_weights, info_from_metadata,
+                    info_to_metadata, load_run_config, load_state_checked, read_weights)
 from .citations import METHOD_INFO, method_label
 from .model_card import arch_title, card_context, render_model_card
 
@@ -655,6 +655,7 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
     kwargs = _check_kwargs(cfg.model.kwargs or {}, f"{cfg_file}: model.kwargs")
     weights_path = run_dir / RUN_FILES[which]
     state, meta = read_weights(weights_path)
+    check_run_weights(run_dir, cfg, meta, which)   # the weights were written by this run
     info = info_from_metadata(meta, str(weights_path))
     epoch = meta.get("epoch")
     if epoch is not None and not re.fullmatch(r"\d{1,9}", epoch):
@@ -761,7 +762,8 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
             "robustbench_loadable": loadable,
             "robustbench_architecture": None if spec is None else spec.native,
             "which": which, "epoch": None if epoch is None else int(epoch),
-            "source": {"run_dir": str(run_dir.resolve()), "weights": str(weights_path.resolve())},
+            "source": {"run_dir": str(run_dir.resolve()), "weights": str(weights_path.resolve()),
+                       "config_fingerprint": meta.get("config_fingerprint")},
             "arch": arch, "model_kwargs": kwargs, "data_info": json.loads(info_to_metadata(info)),
             "method": cfg.method.name, "objective": cfg.objective.name,
             "evaluations": results, "sanity": sanity,
