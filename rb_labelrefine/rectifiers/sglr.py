@@ -22,8 +22,9 @@ when ``epoch >= es``; here epochs are 0-based (``e``), so soft labels are used w
 ``e + 1 >= start_epoch`` -- ``start_epoch = 90`` uses hard labels for the first 89 epochs, and 0
 (or 1) means from the start.  Defaults: 0 for the paper form; 90 for the code form, the value of
 the public CIFAR scripts (``scripts/*/run_sgls.sh``: ``ES=90``) and of the ``SGLS`` class's own
-default -- note that ``main_adv.py``'s argument parser defaults ``--sgls-es`` to 0 and the scripts
-pass the misspelt ``--sat-es``, which that parser does not define.
+default.  (``main_adv.py``'s argument parser defaults ``--sgls-es`` to 0, and the scripts pass
+the misspelt ``--sat-es`` / ``--sat-alpha``, flags that parser does not define -- argparse rejects
+them, so the scripts run only once the flags are corrected to ``--sgls-es 90``.)
 
 The memory rows of a step are computed with the target (and cached, so AWP's proxy pass and the
 real pass see one target) but written in :meth:`SGLR.after_step`: a step that is abandoned before
