@@ -17,12 +17,32 @@ Attach a method to your own torchattacks loop::
 """
 __version__ = "0.1.0"
 
-from .averaging import AWP, EMA, SWA, bn_update, scale_decay
-from .losses import kd_loss, soft_cross_entropy, trades_kl
-from .objectives import PGDAT, TRADES, build_objective
-from .rectifiers import (ADR, LTD, SGLR, KDSelfTeachers, KDTerm, LabelSmoothing, OneHot, Rectifier, Target,
-                         rectify)
+# The public names are imported on first use (PEP 562), so that `rb-labelrefine --help` and
+# `rb-labelrefine configs` answer without importing torch (seconds) -- see cli.py.
+_EXPORTS = {
+    "averaging": ("AWP", "EMA", "SWA", "bn_update", "scale_decay"),
+    "losses": ("kd_loss", "soft_cross_entropy", "trades_kl"),
+    "objectives": ("PGDAT", "TRADES", "build_objective"),
+    "rectifiers": ("ADR", "LTD", "SGLR", "KDSelfTeachers", "KDTerm", "LabelSmoothing", "OneHot", "Rectifier",
+                   "Target", "rectify"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["__version__", "ADR", "SGLR", "LTD", "KDSelfTeachers", "OneHot", "LabelSmoothing", "Rectifier",
            "Target", "KDTerm", "rectify", "EMA", "SWA", "AWP", "bn_update", "scale_decay", "PGDAT", "TRADES",
            "build_objective", "soft_cross_entropy", "kd_loss", "trades_kl"]
+
+
+def __getattr__(name):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rb_labelrefine' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

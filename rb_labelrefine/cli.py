@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import re
 import sys
 import traceback
 import warnings
@@ -45,7 +46,9 @@ def cmd_configs(args) -> int:
         return EXIT_OK
     names = list_presets()
     if args.filter:
-        names = [n for n in names if all(part in n for part in args.filter.split(","))]
+        # whole '-'-separated words: "cifar10" does not match "cifar100-...", "wrn34-10" matches
+        parts = [re.compile(rf"(^|-){re.escape(part.strip())}(-|$)") for part in args.filter.split(",") if part.strip()]
+        names = [n for n in names if all(p.search(n) for p in parts)]
     for name in names:
         desc = load_raw(name).get("description", "")
         print(f"{name:48s} {desc}" if args.verbose else name)
@@ -319,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("configs", help="list the presets")
     c.add_argument("--show", default=None, metavar="NAME", help="print a preset, resolved")
-    c.add_argument("--filter", default=None, help="comma-separated substrings, e.g. cifar10,adr")
+    c.add_argument("--filter", default=None,
+                   help="comma-separated name parts that must all appear as whole words, e.g. cifar10,adr")
     c.add_argument("-v", "--verbose", action="store_true", help="with descriptions")
     c.set_defaults(func=cmd_configs)
     return p
@@ -349,9 +353,20 @@ def main(argv=None) -> int:
 def _classify(exc: BaseException):
     """``(exit code, message)`` of an error by its cause; ``(None, None)`` for what must propagate."""
     from .config import ConfigError
-    from .data import CorruptDatasetError, DatasetNotFoundError
-    from .training.errors import NonFiniteLossError, ResumeError, TrainingInterrupted
-    from .training.io import StorageError, UnsafeCheckpointError
+
+    # An error of a type defined in a module can only exist once that module was imported: look
+    # the torch-side types up in sys.modules, so that `configs` and `leaderboard` errors do not
+    # import torch just to be classified.
+    def types_of(module: str, *names: str) -> tuple:
+        mod = sys.modules.get(f"{__package__}.{module}")
+        return tuple(getattr(mod, n) for n in names) if mod is not None else ()
+
+    CorruptDatasetError = types_of("data.errors", "CorruptDatasetError") or (_Unraised,)
+    DatasetNotFoundError = types_of("data.errors", "DatasetNotFoundError") or (_Unraised,)
+    NonFiniteLossError, ResumeError, TrainingInterrupted = (types_of(
+        "training.errors", "NonFiniteLossError", "ResumeError", "TrainingInterrupted") or (_Unraised,) * 3)
+    StorageError, UnsafeCheckpointError = types_of("training.io", "StorageError", "UnsafeCheckpointError") or \
+        (_Unraised,) * 2
 
     if isinstance(exc, SystemExit):
         return None, None
@@ -380,6 +395,10 @@ def _classify(exc: BaseException):
         return EXIT_USAGE, str(exc)
     return EXIT_INTERNAL, (f"internal error: {type(exc).__name__}: {str(exc).strip()[:500]} (rerun with --debug for "
                            "the traceback, and please report it)")
+
+
+class _Unraised(Exception):
+    """Stands in for an error type whose module was never imported (so nothing raised it)."""
 
 
 def _os_message(exc: OSError) -> str:

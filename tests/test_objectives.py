@@ -82,6 +82,52 @@ def test_tpgd_is_the_trades_attack():
     assert trades_kl(model(x), model(x_adv)) > trades_kl(model(x), model(x + 1e-4 * 0))
 
 
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+@pytest.mark.parametrize("name,norm,bn_mode", [("pgd", "Linf", "train"), ("pgd", "L2", "eval"),
+                                               ("tpgd", "Linf", "eval"), ("fgsm", "Linf", "train"),
+                                               ("mifgsm", "Linf", "eval")])
+def test_attacks_match_torchattacks_exactly(name, norm, bn_mode):
+    """The package's own attacks draw the same random numbers and take the same steps as
+    torchattacks 3.x: the same x' (and the same BatchNorm statistics) from the same seed."""
+    torchattacks = pytest.importorskip("torchattacks")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(6, 3, 4, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+    soft = torch.softmax(torch.randn(6, 3, generator=g), 1)
+    eps, alpha, steps = (0.5, 0.2, 3) if norm == "L2" else (0.1, 0.03, 3)
+    cls = {("pgd", "Linf"): torchattacks.PGD, ("pgd", "L2"): torchattacks.PGDL2, ("tpgd", "Linf"): torchattacks.TPGD,
+           ("fgsm", "Linf"): torchattacks.FGSM, ("mifgsm", "Linf"): torchattacks.MIFGSM}[name, norm]
+    outs = []
+    for impl in ("ours", "torchattacks"):
+        model = _conv_net().train()
+        if impl == "ours":
+            atk = build_attack(name, model, eps=eps, alpha=alpha, steps=steps, norm=norm, bn_mode=bn_mode)
+        else:
+            kw = {"eps": eps} if name == "fgsm" else {"eps": eps, "alpha": alpha, "steps": steps}
+            atk = cls(model, **kw)
+            train = bn_mode == "train"
+            atk.set_model_training_mode(model_training=train, batchnorm_training=train, dropout_training=False)
+        torch.manual_seed(11)
+        labels = y if name in ("tpgd", "fgsm") else soft        # soft targets too (ADR Eq. 2)
+        outs.append((atk(x, labels), model[1].running_mean.clone(), model.training))
+    (ours, rm_ours, tr_ours), (ref, rm_ref, _) = outs
+    assert torch.equal(ours, ref)
+    assert torch.equal(rm_ours, rm_ref)
+    assert tr_ours
+
+
+def test_apgd_needs_the_attacks_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)     # as if it were not installed
+    with pytest.raises(ImportError, match=r'rb-labelrefine\[attacks\]'):
+        build_attack("apgd", _net(), eps=0.1, alpha=0.1, steps=1)
+
+
 def test_build_attack_errors():
     with pytest.raises(ValueError, match="unknown attack"):
         build_attack("nope", _net(), eps=0.1, alpha=0.1, steps=1)

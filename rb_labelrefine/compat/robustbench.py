@@ -7,41 +7,46 @@ RobustBench 1.1.1 does ``from autoattack import AutoAttack`` and
 official package is ``pyautoattack`` 0.2.0: keyword-only arguments, ``attacks=`` instead of
 ``attacks_to_run=``, no ``verbose``/``log_path``, ``batch_size=`` and a ``(x_adv, y_adv)`` return.
 
-:func:`import_robustbench` makes ``import robustbench`` work on the registry's packages:
+How ``import robustbench`` works on the registry's packages: the installed package puts a
+``.pth`` file in site-packages that registers :mod:`~rb_labelrefine.compat.autoattack_hook`'s
+meta-path finder at interpreter start, so a plain ``import robustbench`` (no rb_labelrefine
+import) finds an ``autoattack`` module:
 
-* if the real GitHub ``autoattack`` is importable, it is used untouched (we step aside);
-* otherwise a module named ``autoattack`` is registered in ``sys.modules`` whose
-  ``AutoAttack`` is :class:`ClassicAutoAttack` -- the classic interface on top of
-  pyautoattack's attacks (which are the GitHub master's, line for line) -- and
-  ``autoattack.state`` is ``pyautoattack.state``.
+* if the real GitHub ``autoattack`` is installed, the finder never answers (we step aside);
+* otherwise, when ``pyautoattack`` is installed, ``autoattack`` is the module built by
+  :func:`build_shim_module`, whose ``AutoAttack`` is :class:`ClassicAutoAttack` -- the classic
+  interface on top of pyautoattack's attacks (which are the GitHub master's, line for line) --
+  and ``autoattack.<sub>`` (``state``, ``autopgd_base``, ...) is ``pyautoattack.<sub>``.
 
+:func:`import_robustbench` registers the same finder (for a source checkout without the ``.pth``)
+and turns a missing extra into an error that says what to install.
 Nothing else in the package imports robustbench without going through this module.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import logging
 import sys
 import types
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["import_robustbench", "ClassicAutoAttack", "autoattack_backend", "classic_autoattack"]
+from .._optional import MissingExtraError, require
+from .autoattack_hook import SHIM_MARK as _SHIM_MARK
+from .autoattack_hook import AutoattackFinder
+from .autoattack_hook import install as install_hook
 
-_SHIM_MARK = "__rb_labelrefine_shim__"
+__all__ = ["import_robustbench", "ClassicAutoAttack", "autoattack_backend", "classic_autoattack",
+           "build_shim_module", "install_hook"]
 
 
 def _real_autoattack_available() -> bool:
     mod = sys.modules.get("autoattack")
     if mod is not None:
         return not getattr(mod, _SHIM_MARK, False)
-    try:
-        spec = importlib.util.find_spec("autoattack")
-    except (ImportError, ValueError):
-        return False
-    return spec is not None
+    # Any finder but our own hook's: importlib.util.find_spec would find the adapter itself.
+    return AutoattackFinder._others_find("autoattack", None, None)
 
 
 def autoattack_backend() -> str:
@@ -135,7 +140,8 @@ class _ClassicFormatter(logging.Formatter):
         return f"Warning: {msg}" if record.levelno >= logging.WARNING else msg
 
 
-def _install_shim() -> None:
+def build_shim_module() -> types.ModuleType:
+    """The ``autoattack`` adapter module over pyautoattack (used by the import hook)."""
     import pyautoattack
     import pyautoattack.state as pstate
 
@@ -145,8 +151,7 @@ def _install_shim() -> None:
     shim.state = pstate
     shim.__version__ = getattr(pyautoattack, "__version__", "unknown")
     setattr(shim, _SHIM_MARK, True)
-    sys.modules["autoattack"] = shim
-    sys.modules["autoattack.state"] = pstate
+    return shim
 
 
 def classic_autoattack():
@@ -159,7 +164,7 @@ def classic_autoattack():
     if _real_autoattack_available():
         mod = sys.modules.get("autoattack") or importlib.import_module("autoattack")
         return mod.AutoAttack, "autoattack", _version(mod, "autoattack")
-    import pyautoattack
+    pyautoattack = require("pyautoattack", "robustbench", "AutoAttack evaluation")
 
     return ClassicAutoAttack, "pyautoattack", _version(pyautoattack, "pyautoattack")
 
@@ -178,15 +183,18 @@ def _version(module, dist: str) -> str:
 
 
 def import_robustbench():
-    """Import and return the ``robustbench`` module, installing the autoattack shim if needed."""
+    """Import and return the ``robustbench`` module (the ``autoattack`` hook registered first)."""
     if "robustbench" in sys.modules:
         return sys.modules["robustbench"]
-    if not _real_autoattack_available():
-        _install_shim()
+    install_hook()
     try:
         return importlib.import_module("robustbench")
-    except ImportError as exc:  # e.g. pkg_resources missing (setuptools >= 81)
-        raise ImportError(
-            f"could not import robustbench ({exc}). rb_labelrefine needs robustbench==1.1.1, "
-            "pyautoattack==0.2.0 and setuptools<81 (robustbench.loaders imports pkg_resources); "
-            "reinstall with `pip install rb-labelrefine`.") from exc
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing in ("robustbench", "autoattack", "pyautoattack"):
+            hint = 'install the extra: pip install "rb-labelrefine[robustbench]"'
+        elif missing == "pkg_resources":
+            hint = 'robustbench.loaders imports pkg_resources: pip install "setuptools<81"'
+        else:
+            hint = 'reinstall the extra: pip install "rb-labelrefine[robustbench]"'
+        raise MissingExtraError(f"could not import robustbench ({exc}); {hint}") from exc
