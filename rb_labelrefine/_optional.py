@@ -18,7 +18,7 @@ EXTRAS = {
     "matplotlib": "plot",
     "sklearn": "data",
     "torchattacks": "attacks",
-    "jinja2": "robustbench",
+    "PIL": "vision",
 }
 
 

@@ -88,7 +88,7 @@ def _summary_line(s: dict) -> str:
 
 # ----------------------------------------------------------------------------- eval
 def _load_for_eval(path: str, which: str):
-    """A run directory, or a weights file inside one."""
+    """``(model, cfg, info, run_dir, which)`` of a run directory, or of a weights file inside one."""
     from .runs import RUN_FILES, load_run_model
 
     p = Path(path)
@@ -105,7 +105,7 @@ def _load_for_eval(path: str, which: str):
         if which is None:
             raise UsageError(f"--checkpoint: {p.name} is not best.safetensors/final.safetensors of a run directory")
         p = p.parent
-    return load_run_model(p, which)
+    return (*load_run_model(p, which), p, which)
 
 
 def cmd_eval(args) -> int:
@@ -123,7 +123,7 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--eps: must be > 0, got {args.eps}")
     if args.json:
         _check_output_file(args.json, "--json")  # before AutoAttack, not after it
-    model, cfg, info = _load_for_eval(args.checkpoint, args.which)
+    model, cfg, info, run_dir, which = _load_for_eval(args.checkpoint, args.which)
     root = args.data_root or cfg.data.root
     _, _, test_ds, _ = build_datasets(cfg.data.name, root=root, val_fraction=cfg.data.val_fraction,
                                       train_subset=cfg.data.train_subset, seed=cfg.data.seed,
@@ -136,7 +136,7 @@ def cmd_eval(args) -> int:
     res = run_autoattack(model, x, y, norm=norm, eps=eps, version=version, attacks=attacks,
                          device="cuda" if torch.cuda.is_available() else "cpu", batch_size=args.batch_size,
                          seed=args.seed)
-    out = {"checkpoint": str(args.checkpoint), "which": args.which, "dataset": info.name, "norm": norm, "eps": eps,
+    out = {"checkpoint": str(run_dir), "which": which, "dataset": info.name, "norm": norm, "eps": eps,
            "autoattack": res}
     print(f"{info.name} {norm} eps={eps:.4f}: clean {res['clean_acc']:.2f}%  AutoAttack ({version}) "
           f"{res['robust_acc']:.2f}% on {res['n']} points")
@@ -185,14 +185,42 @@ def _check_output_file(path: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- export
+def _read_results(path: str, run_dir: Path, which: str) -> tuple[dict, dict]:
+    """``(autoattack, sanity)`` of an ``eval --json`` file, checked to be about this checkpoint."""
+    p = Path(path)
+    data = _read_json_arg(path, "--results")
+    if not isinstance(data, dict) or not isinstance(data.get("autoattack"), dict):
+        raise UsageError(f"--results: {p} has no 'autoattack' result; write it with "
+                         f"`rb-labelrefine eval --checkpoint RUN --json {p.name}`")
+    if data.get("which", which) != which:
+        raise UsageError(f"--results: {p} holds the {data['which']!r} checkpoint's evaluation, the export is of "
+                         f"{which!r}; pass --which {data['which']} or evaluate --which {which}")
+    src = data.get("checkpoint")
+    if src is not None:
+        src_dir = Path(src)
+        src_dir = src_dir.parent if src_dir.suffix == ".safetensors" else src_dir
+        if src_dir.exists() and src_dir.resolve() != run_dir.resolve():
+            raise UsageError(f"--results: {p} evaluated {src_dir}, not {run_dir}")
+    aa = dict(data["autoattack"])
+    for key in ("norm", "eps"):            # eval --json keeps them beside the result
+        if aa.get(key) is None and data.get(key) is not None:
+            aa[key] = data[key]
+    return aa, data.get("sanity")
+
+
 def cmd_export(args) -> int:
     from .export.robustbench_export import export_run
 
     p = Path(args.checkpoint)
     if p.is_file():
         p = p.parent
+    autoattack = sanity = None
+    if args.results:
+        autoattack, sanity = _read_results(args.results, p, args.which)
+        autoattack = {args.which: autoattack}
     written = export_run(p, args.out, name=args.name, which=args.which, threat_model=args.threat_model,
-                         overwrite=args.overwrite)
+                         autoattack=autoattack, sanity=sanity, additional_data=args.extra_data,
+                         dataset=args.dataset, overwrite=args.overwrite)
     for k, v in written.items():
         print(f"{k:14s} {v}")
     return EXIT_OK
@@ -200,23 +228,23 @@ def cmd_export(args) -> int:
 
 # ----------------------------------------------------------------------------- leaderboard
 def cmd_leaderboard(args) -> int:
-    from .leaderboard import format_rank, load_snapshot, rank
+    from .leaderboard import format_rank, format_table, load_snapshot, rank
 
-    if args.model_info:
-        result = _read_json_arg(args.model_info, "--model-info")
+    if args.model_info or args.results:
+        what, path = ("--model-info", args.model_info) if args.model_info else ("--results", args.results)
+        result = _read_json_arg(path, what)
         if not isinstance(result, dict):
-            raise UsageError(f"--model-info: {args.model_info} holds a JSON {type(result).__name__}, not an object "
-                             "(an exported model_info file)")
+            raise UsageError(f"{what}: {path} holds a JSON {type(result).__name__}, not an object "
+                             "(an exported model_info file or an `eval --json` file)")
+        if args.n is not None:
+            result["n"] = args.n
     elif args.autoattack is not None:
         result = {"autoattack_acc": args.autoattack, "clean_acc": args.clean, "name": args.name or "your model",
-                  "additional_data": args.extra_data}
+                  "additional_data": args.extra_data, "n": args.n}
     else:
-        snap = load_snapshot()
-        from .leaderboard import format_table
-
-        print(format_table(snap, args.dataset, args.threat_model, top=args.top))
+        print(format_table(load_snapshot(), args.dataset, args.threat_model, top=args.top))
         return EXIT_OK
-    print(format_rank(rank(result, args.dataset, args.threat_model)))
+    print(format_rank(rank(result, args.dataset, args.threat_model, extra_data=True if args.extra_data else None)))
     return EXIT_OK
 
 
@@ -307,16 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--threat-model", default="Linf", choices=("Linf", "L2"))
     x.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in --out (as a whole); without it a non-empty --out is refused")
+    x.add_argument("--results", default=None, metavar="FILE",
+                   help="an `eval --json` file (AutoAttack and sanity) for this checkpoint: its numbers go "
+                        "into the card and model_info")
+    x.add_argument("--extra-data", action="store_true", help="the model was trained with extra data")
     x.set_defaults(func=cmd_export)
 
-    lb = sub.add_parser("leaderboard", help="where a result ranks on the (shipped, dated) RobustBench leaderboard")
+    lb = sub.add_parser("leaderboard", help="where a result ranks on RobustBench's leaderboard (a shipped, dated "
+                                            "snapshot of its model_info)")
     lb.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100"))
-    lb.add_argument("--threat-model", default="Linf")
+    lb.add_argument("--threat-model", default="Linf", choices=("Linf", "L2"))
     lb.add_argument("--autoattack", type=float, default=None, help="your AutoAttack accuracy (%%)")
     lb.add_argument("--clean", type=float, default=None, help="your clean accuracy (%%)")
     lb.add_argument("--extra-data", action="store_true", help="your model used extra data")
     lb.add_argument("--name", default=None)
     lb.add_argument("--model-info", default=None, help="an exported model_info JSON")
+    lb.add_argument("--results", default=None, metavar="FILE", help="an `eval --json` file")
+    lb.add_argument("--n", type=int, default=None,
+                    help="points the result was measured on (fewer than 10,000: not comparable)")
     lb.add_argument("--top", type=int, default=20)
     lb.set_defaults(func=cmd_leaderboard)
 

@@ -11,8 +11,9 @@ def plot_curves(histories: dict, path, title: str = "") -> Path:
 
     Records with ADR's ``adr_tau`` / ``adr_lambda`` (the values the next epoch uses; fitted ones
     with ``method.schedule: auto``) add a third panel with both."""
-    import matplotlib
+    from ._optional import require
 
+    matplotlib = require("matplotlib", "plot", "the training-curve plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

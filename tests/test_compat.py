@@ -7,6 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from _extras import need
+
+need("pyautoattack", "robustbench")
+
 from rb_labelrefine.compat import robustbench as compat
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from _extras import need
 from rb_labelrefine.data import (
     DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_ROOT, CorruptDatasetError, DataInfo, DatasetNotFoundError, IndexedDataset,
     RandomCropFlip, TensorImageDataset, UnsafePickleError, build_datasets, load_cifar,
@@ -21,6 +22,7 @@ from rb_labelrefine.data import (
 
 @pytest.fixture(scope="module")
 def digits():
+    need("sklearn")
     return load_digits_data()
 
 
@@ -327,7 +329,7 @@ def test_corrupt_cifar_batches(tmp_path):
 # ---------------------------------------------------------------- Tiny ImageNet folder
 
 def test_tiny_imagenet_folder_layout(tmp_path):
-    from PIL import Image
+    Image = need("PIL.Image")
 
     root = tmp_path / "tiny-imagenet-200"
     wnids = ["n01443537", "n01629819"]
@@ -355,6 +357,7 @@ def _indices(ds):
 
 
 def test_build_datasets_splits_are_disjoint_stratified_and_deterministic():
+    need("sklearn")
     train, val, test, info = build_datasets("digits", val_fraction=0.1, seed=0)
     assert (len(train), len(val), len(test)) == (1260, 140, 397)
     assert not set(_indices(train)) & set(_indices(val))
@@ -368,6 +371,7 @@ def test_build_datasets_splits_are_disjoint_stratified_and_deterministic():
 
 
 def test_build_datasets_subsets_and_indices():
+    need("sklearn")
     train, val, test, _ = build_datasets("digits", train_subset=500, test_subset=100, seed=0)
     full_val = build_datasets("digits", seed=0)[1]
     assert (len(train), len(test)) == (500, 100)

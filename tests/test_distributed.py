@@ -18,6 +18,10 @@ import textwrap
 import pytest
 import torch
 
+from _extras import need
+
+need("sklearn")
+
 from rb_labelrefine.config import load_config
 from rb_labelrefine.training.distributed import ShardedBatchSampler
 from rb_labelrefine.training.trainer import EpochSampler, Trainer

@@ -12,6 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _extras import need
+
+need("pyautoattack")
+
 from rb_labelrefine.data.errors import CorruptDatasetError, DatasetNotFoundError
 from rb_labelrefine.evaluation import (
     benchmark, clean_accuracy, format_sanity_markdown, load_rb_data, pgd_accuracy, pgd_attack, run_autoattack,

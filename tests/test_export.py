@@ -12,6 +12,10 @@ import pytest
 import torch
 import yaml
 
+from _extras import need
+
+need("robustbench")
+
 from rb_labelrefine.config import Config, dump_config, make_method
 from rb_labelrefine.data import load_synthetic
 from rb_labelrefine.evaluation import run_autoattack

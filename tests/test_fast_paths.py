@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _extras import need
 from rb_labelrefine import ADR, AWP, EMA, KDSelfTeachers, rectify
 from rb_labelrefine.config import config_from_dict
 from rb_labelrefine.data import build_datasets
@@ -306,6 +307,7 @@ def _bench():
 def test_benchmark_straightforward_step_computes_the_package_step(tmp_path):
     """The benchmark compares equal work: its straightforward PGD-AT+ADR step (torchattacks rebuilt
     per step, timm-style EMA loop, .item() logging) gives the package step's losses."""
+    need("torchattacks")
     bench = _bench()
     args = bench.argparse.Namespace(arch="tiny_cnn", image_size=16, channels=3, batch=16, attack_steps=2, eps=0.1,
                                     device="cpu", threads=1, amp=None, channels_last=False, compile=False)

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from _extras import need
 from rb_labelrefine.models import (
     NormalizedModel, build_model, count_parameters, create_model, is_model, list_models,
     register_model, wrap_module,
@@ -24,6 +25,10 @@ from rb_labelrefine.models import (
     ("timm:test_efficientnet", dict(in_channels=1), (2, 1, 32, 32)),
 ])
 def test_registry_forward_shapes(name, kwargs, shape):
+    if name.startswith("timm:"):
+        need("timm")
+    elif name in ("preact_resnet18", "resnet18", "wrn"):
+        need("robustbench")                     # RobustBench's own classes
     torch.manual_seed(0)
     model = create_model(name, num_classes=7, **kwargs)
     model.train()
@@ -32,6 +37,7 @@ def test_registry_forward_shapes(name, kwargs, shape):
 
 
 def test_wrn_34_10_construction_and_forward():
+    need("robustbench")
     model = create_model("wrn_34_10", num_classes=10).eval()
     assert count_parameters(model) == 46_160_474
     with torch.no_grad():
@@ -39,6 +45,7 @@ def test_wrn_34_10_construction_and_forward():
 
 
 def test_robustbench_archs_are_robustbench_classes():
+    need("robustbench")
     from rb_labelrefine.compat.robustbench import import_robustbench
 
     import_robustbench()
@@ -70,6 +77,7 @@ def test_small_cnn_matches_spec():
 
 
 def test_unknown_names():
+    need("timm")
     with pytest.raises(ValueError, match="unknown model 'resnet999'.*timm:"):
         create_model("resnet999", 10)
     with pytest.raises(ValueError, match="timm has no model 'resnet10tt'"):
@@ -107,6 +115,7 @@ def test_normalized_model_equals_manual_normalisation():
 
 
 def test_wrap_module_and_build_model():
+    need("timm")
     user_net = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     wrapped = wrap_module(user_net)
     x = torch.rand(2, 3, 2, 2)

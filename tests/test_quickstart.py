@@ -5,6 +5,10 @@ import re
 
 import torch
 
+from _extras import need
+
+need("sklearn", "matplotlib", "pyautoattack")
+
 from rb_labelrefine.cli import main
 from rb_labelrefine.data import build_datasets
 from rb_labelrefine.evaluation.autoattack import run_autoattack

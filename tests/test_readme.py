@@ -4,6 +4,8 @@ from pathlib import Path
 
 import torch
 
+from _extras import need
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -12,6 +14,7 @@ def _python_blocks():
 
 
 def test_readme_user_loop_runs_as_written():
+    need("torchattacks")                         # the loop is a torchattacks user's
     blocks = [b for b in _python_blocks() if "rect.after_step(model)" in b]
     assert blocks, "the README lost its user-loop example"
     ns: dict = {}
@@ -24,5 +27,5 @@ def test_readme_user_loop_runs_as_written():
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
-    cmd = re.search(r'pip install -e "\.\[test\]" && (python3 -m pytest -q)', README.read_text()).group(1)
+    cmd = re.search(r'pip install -e "\.\[all,test\]" && (python3 -m pytest -q)', README.read_text()).group(1)
     assert ci.strip().splitlines()[-1] == cmd

@@ -37,6 +37,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _extras import need
+
+need("sklearn", "matplotlib", "torchattacks")
+
 from rb_labelrefine import cli
 from rb_labelrefine.config import load_config
 from rb_labelrefine.data import IndexedDataset, TensorImageDataset, load_digits_data, load_synthetic

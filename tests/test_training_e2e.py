@@ -4,6 +4,10 @@ import json
 import pytest
 import torch
 
+from _extras import need
+
+need("sklearn")
+
 from rb_labelrefine.config import load_config
 from rb_labelrefine.runs import load_run_model, read_weights
 from rb_labelrefine.training.trainer import NonFiniteLossError, Trainer

@@ -20,9 +20,9 @@ def load_digits_data():
     Pixels (0..16) are scaled to [0, 1]; images are [1, 8, 8]. The train/test split is fixed and
     stratified: 1,400 training and 397 test images.
     """
-    from sklearn.datasets import load_digits
+    from .._optional import require
 
-    d = load_digits()
+    d = require("sklearn.datasets", "data", "the digits data set").load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
     y = torch.as_tensor(d.target, dtype=torch.long)
     order = stratified_order(y, _DIGITS_SPLIT_SEED)

@@ -18,7 +18,9 @@ _SIZE = 64
 
 
 def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
+    from .._optional import require
+
+    Image = require("PIL.Image", "vision", "reading Tiny ImageNet's JPEG files")
 
     try:
         with Image.open(path) as im:

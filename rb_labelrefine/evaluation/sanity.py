@@ -104,7 +104,10 @@ def _eps_sweep(model, x, y, grid, steps, norm, zero_acc_max, tol, batch_size, de
         passed, reason = False, (f"accuracy rises to {a:.1f}% at eps={format_eps(e)} although a "
                                  "larger radius can only help the attacker")
     else:
-        passed, reason = True, f"accuracy falls to {last:.1f}% at eps={format_eps(grid[-1])}"
+        noisy = any(accs[i] > min(accs[:i]) for i in range(1, len(accs)))
+        passed, reason = True, (f"accuracy falls to {last:.1f}% at eps={format_eps(grid[-1])}"
+                                + (f" (rises along the way stay within the {tol:g}-point noise tolerance)"
+                                   if noisy else ""))
     return {"eps": [float(e) for e in grid], "acc": accs, "steps": steps, "passed": passed, "reason": reason}
 
 
@@ -118,8 +121,11 @@ def _steps_sweep(model, x, y, eps, alpha, steps_grid, norm, tol, batch_size, dev
                                  f"({min(accs[:steps_grid.index(k)]):.1f}%): more iterations should "
                                  "never help the defender")
     else:
-        passed, reason = True, (f"accuracy does not rise with more steps "
-                                f"({accs[0]:.1f}% at {steps_grid[0]} -> {accs[-1]:.1f}% at {steps_grid[-1]})")
+        # Only a rise beyond `tol` fails; a smaller one is sampling noise, and the wording says so.
+        noisy = any(accs[i] > min(accs[:i]) for i in range(1, len(accs)))
+        claim = (f"accuracy rises by no more than the {tol:g}-point noise tolerance with more steps" if noisy
+                 else "accuracy does not rise with more steps")
+        passed, reason = True, f"{claim} ({accs[0]:.1f}% at {steps_grid[0]} -> {accs[-1]:.1f}% at {steps_grid[-1]})"
     return {"steps": list(steps_grid), "acc": accs, "eps": float(eps), "alpha": float(alpha),
             "passed": passed, "reason": reason}
 

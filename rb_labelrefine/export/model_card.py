@@ -18,7 +18,7 @@ import yaml
 
 from .citations import method_citations, method_label
 
-__all__ = ["render_model_card", "card_context", "TEMPLATE_NAME", "DATASET_TITLES", "ARCH_TITLES",
+__all__ = ["render_model_card", "card_context", "TEMPLATE_NAME", "DATASET_TITLES", "ARCH_TITLES", "HUB_DATASETS",
            "arch_title", "load_template"]
 
 TEMPLATE_NAME = "model_card.md.j2"
@@ -27,6 +27,10 @@ DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "I
                   "digits": "digits (scikit-learn 8x8)", "fashion_mnist": "Fashion-MNIST",
                   "tiny_imagenet": "Tiny ImageNet-200", "synthetic": "synthetic patterns"}
 FULL_TEST_SIZE = {"cifar10": 10000, "cifar100": 10000, "imagenet": 5000}
+# Hugging Face Hub dataset ids (the card's `datasets:` and model-index `dataset.type`); data sets
+# with no Hub copy (scikit-learn's digits, synthetic patterns) are left out of `datasets:`.
+HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "imagenet": "ILSVRC/imagenet-1k",
+                "fashion_mnist": "zalando-datasets/fashion_mnist", "tiny_imagenet": "zh-plus/tiny-imagenet"}
 ARCH_TITLES = {"preact_resnet18": "PreActResNet-18", "resnet18": "ResNet-18", "wrn_28_10": "WideResNet-28-10",
                "wrn_34_10": "WideResNet-34-10", "wrn_70_16": "WideResNet-70-16", "small_cnn": "small CNN",
                "tiny_cnn": "tiny CNN", "mlp": "MLP"}
@@ -132,21 +136,31 @@ def _method_params(name: Optional[str], m: dict) -> str:
 
 
 def _machine_lines(autoattack: dict, summary: Optional[dict]) -> list[str]:
+    """What ran the evaluations and the training, from what was recorded -- never placeholders."""
     lines = []
     for which in ("best", "final"):
         r = autoattack.get(which)
         if not r:
             continue
         mach = r.get("machine") or {}
-        elapsed = r.get("elapsed_s")
-        lines.append(f"{which} evaluation: {mach.get('device_name', 'unknown device')} ({mach.get('device', '?')}), "
-                     f"torch {mach.get('torch', '?')}, {mach.get('threads', '?')} CPU threads"
-                     + (f", {elapsed:.0f} s" if elapsed is not None else ""))
+        parts = []
+        device, name = mach.get("device"), mach.get("device_name")
+        if name or device:
+            parts.append(f"{name} ({device})" if name and device and name != device else str(name or device))
+        if mach.get("torch"):
+            parts.append(f"torch {mach['torch']}")
+        if mach.get("threads") is not None:
+            parts.append(f"{mach['threads']} CPU threads")
+        if r.get("elapsed_s") is not None:
+            parts.append(f"{r['elapsed_s']:.0f} s")
+        lines.append(f"{which} evaluation: " + (", ".join(parts) if parts else "machine not recorded"))
     if summary:
-        lines.append(f"training: device {summary.get('device', 'not recorded')}, torch {summary.get('torch', 'not recorded')}, "
-                     f"{summary.get('threads', 'not recorded')} CPU threads, "
-                     + (f"{summary['train_seconds']:.0f} s" if summary.get("train_seconds") is not None
-                        else "time not recorded"))
+        parts = [f"device {summary['device']}" if summary.get("device") else None,
+                 f"torch {summary['torch']}" if summary.get("torch") else None,
+                 f"{summary['threads']} CPU threads" if summary.get("threads") is not None else None,
+                 f"{summary['train_seconds']:.0f} s" if summary.get("train_seconds") is not None else None]
+        parts = [p for p in parts if p]
+        lines.append("training: " + (", ".join(parts) if parts else "machine not recorded"))
     return lines or ["not recorded"]
 
 
@@ -207,18 +221,23 @@ def _limitations(*, dataset, training_data_name, cfg, which, autoattack, sanity,
 
 
 def _front_matter(*, name, dataset, threat_model, eps, method_tag, objective, result, license) -> str:
+    """Hugging Face model-card metadata.  A metric's name carries what makes it comparable (the
+    threat model, and the number of test points when fewer than the full split); the
+    ``model-index`` is written only when something was measured (the Hub rejects empty results)."""
+    title = DATASET_TITLES.get(dataset, dataset)
+    n = (result or {}).get("n")
+    full = FULL_TEST_SIZE.get(dataset)
+    points = f"{n:,} test points" if n is not None and (full is None or n < full) else (
+        "full test set" if n is not None else None)
     metrics = []
     if result and result.get("clean_acc") is not None:
-        metrics.append({"type": "accuracy", "value": round(float(result["clean_acc"]), 2), "name": "Clean accuracy"})
+        metrics.append({"type": "accuracy", "value": round(float(result["clean_acc"]), 2),
+                        "name": f"Clean accuracy ({title} test" + (f", {points})" if points else ")")})
     if result and result.get("robust_acc") is not None:
-        kind = "AutoAttack" if result.get("standard") else "AutoAttack (non-standard)"
+        kind = "AutoAttack standard" if result.get("standard") else "AutoAttack (non-standard)"
         metrics.append({"type": "accuracy", "value": round(float(result["robust_acc"]), 2),
-                        "name": f"{kind} robust accuracy ({threat_model}, eps={_fmt_eps(eps)})"})
-    results = []
-    if metrics:
-        results.append({"task": {"type": "image-classification", "name": "Image Classification"},
-                        "dataset": {"name": DATASET_TITLES.get(dataset, dataset), "type": dataset, "split": "test"},
-                        "metrics": metrics})
+                        "name": f"{kind} robust accuracy ({threat_model}, eps={_fmt_eps(eps)}"
+                                + (f", {points})" if points else ")")})
     tags = ["adversarial-robustness", "robustbench", method_tag, objective.replace("_", "-"),
             "image-classification", "pytorch"]
     fm = {
@@ -226,10 +245,15 @@ def _front_matter(*, name, dataset, threat_model, eps, method_tag, objective, re
         "library_name": "pytorch",
         "pipeline_tag": "image-classification",
         "tags": list(dict.fromkeys(t for t in tags if t)),
-        "datasets": [dataset],
-        "metrics": ["accuracy"],
-        "model-index": [{"name": name, "results": results}],
     }
+    if dataset in HUB_DATASETS:
+        fm["datasets"] = [HUB_DATASETS[dataset]]
+    fm["metrics"] = ["accuracy"]
+    if metrics:
+        fm["model-index"] = [{"name": name, "results": [{
+            "task": {"type": "image-classification", "name": "Image Classification"},
+            "dataset": {"name": title, "type": HUB_DATASETS.get(dataset, dataset), "split": "test"},
+            "metrics": metrics}]}]
     return yaml.safe_dump(fm, sort_keys=False, allow_unicode=True)
 
 

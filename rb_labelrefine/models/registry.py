@@ -40,7 +40,9 @@ def is_model(name: str) -> bool:
 
 
 def _create_timm(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
-    import timm
+    from .._optional import require
+
+    timm = require("timm", "timm", f"the model 'timm:{name}'")
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:10]

@@ -221,6 +221,7 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._curves_skipped = False
         self.handle_signals = handle_signals
         self._stop_signal: Optional[int] = None
         self._finishing = False  # True once the last training step is done (final writes, AutoAttack)
@@ -870,9 +871,16 @@ class Trainer:
     def _write_curves(self):
         if not self.history or not is_main_process():  # [DDP hook] rank 0 writes files
             return None
+        from .._optional import MissingExtraError
         from ..plots import plot_curves
 
-        return plot_curves({self.cfg.name: self.history}, self.out / RUN_FILES["curves"])
+        try:
+            return plot_curves({self.cfg.name: self.history}, self.out / RUN_FILES["curves"])
+        except MissingExtraError as exc:  # the core install has no matplotlib: the run itself is complete
+            if not self._curves_skipped:  # called every epoch: say it once
+                self.log(f"no {RUN_FILES['curves']}: {exc}")
+                self._curves_skipped = True
+            return None
 
     def _finish(self, elapsed: float) -> dict:
         cfg = self.cfg
