@@ -6,6 +6,9 @@ import os
 import pickle
 import re
 import runpy
+import subprocess
+import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -125,10 +128,16 @@ def test_model_card_front_matter_and_numbers(exported):
     card = exported["written"]["model_card"].read_text()
     fm = _front_matter(card)
     assert fm["license"] and {"adversarial-robustness", "robustbench", "adr"} <= set(fm["tags"])
-    assert fm["datasets"] == ["cifar10"]
-    metrics = fm["model-index"][0]["results"][0]["metrics"]
+    assert fm["datasets"] == ["uoft-cs/cifar10"]                  # a Hub dataset id
+    result = fm["model-index"][0]["results"][0]
+    assert result["dataset"] == {"name": "CIFAR-10", "type": "uoft-cs/cifar10", "split": "test"}
+    metrics = result["metrics"]
     best, final = exported["aa"]["best"], exported["aa"]["final"]
     assert [m["value"] for m in metrics] == [round(best["clean_acc"], 2), round(best["robust_acc"], 2)]
+    # a metric's name says what makes it comparable: threat model and point count
+    assert [m["name"] for m in metrics] == ["Clean accuracy (CIFAR-10 test, 16 test points)",
+                                            "AutoAttack (non-standard) robust accuracy (Linf, eps=8/255, 16 test points)"]
+    assert "pypi.org" not in card
     assert f"{best['robust_acc']:.2f}%" in card and f"{final['robust_acc']:.2f}%" in card
     assert f"{best['robust_acc'] - final['robust_acc']:+.2f} points" in card      # the best-final gap
     assert "@inproceedings{wu2024annealing" in card and "@inproceedings{madry2018towards" in card
@@ -142,7 +151,7 @@ def test_model_card_never_invents_numbers(tmp_path):
     written = export_run(tmp_path / "run", tmp_path / "out")     # no evaluations given
     card = written["model_card"].read_text()
     fm = _front_matter(card)
-    assert fm["model-index"][0]["results"] == []
+    assert "model-index" not in fm                                 # the Hub rejects an empty results list
     assert not re.search(r"\d+\.\d+%", card)                       # no accuracy anywhere
     assert card.count("not measured") >= 6
     info = json.loads(written["model_info"].read_text())
@@ -259,3 +268,42 @@ def test_model_card_warns_when_cross_entropy_attacks_overstate_robustness():
     assert "Cross-entropy attacks overstate this model's robustness: 61.33% after APGD-CE vs 56.33%" in text
     assert "5.00 points" in text
     assert "Cross-entropy attacks" not in lims(57.0, 56.0)
+
+
+def _hook_site(tmp_path) -> Path:
+    """A site dir holding what the build backend adds to site-packages (.pth + hook module)."""
+    spec = importlib.util.spec_from_file_location("rb_build", REPO / "build_backend" / "rb_labelrefine_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / build.HOOK_MODULE).write_text(Path(build.HOOK_SOURCE).read_text())
+    (site / build.PTH_FILE).write_text(build.PTH_LINE)
+    return site
+
+
+def test_the_cards_robustbench_snippet_runs_as_printed(exported, tmp_path):
+    card = exported["written"]["model_card"].read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", card, flags=re.S) if "load_model(" in b]
+    assert len(blocks) == 1
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(blocks[0])
+    x = exported["x"][:4]
+    torch.save(x, tmp_path / "x.pt")
+    # A source checkout has no .pth in site-packages: add the installed one's site dir (what
+    # `pip install` puts there) -- the snippet itself runs unchanged, from the export folder.
+    driver = (f"import site, runpy, torch; site.addsitedir({str(_hook_site(tmp_path))!r})\n"
+              f"ns = runpy.run_path({str(snippet)!r})\n"
+              f"torch.save(ns['model'](torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", driver], cwd=exported["out"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), exported["models"]["best"](x))
+
+
+def test_non_robustbench_cards_print_no_robustbench_snippet(tmp_path):
+    _make_run(tmp_path / "run", arch="mlp", method="onehot")
+    card = export_run(tmp_path / "run", tmp_path / "out")["model_card"].read_text()
+    code = "".join(re.findall(r"```python\n(.*?)```", card, flags=re.S))
+    assert "load_exported(" in code and "robustbench" not in code and "load_model(" not in code
+    assert "datasets" not in _front_matter(card)                  # synthetic data has no Hub id
