@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an `eval --json` file (AutoAttack and sanity) for this checkpoint: its numbers go "
                         "into the card and model_info")
     x.add_argument("--extra-data", action="store_true", help="the model was trained with extra data")
+    x.add_argument("--dataset", default=None, choices=("cifar10", "cifar100", "imagenet"),
+                   help="the RobustBench slot (default: the run's data set; the model's input shape and "
+                        "classes must fit it)")
     x.set_defaults(func=cmd_export)
 
     lb = sub.add_parser("leaderboard", help="where a result ranks on RobustBench's leaderboard (a shipped, dated "

@@ -1,4 +1,4 @@
-"""A pickle loader that can read the CIFAR batches and nothing more dangerous.
+"""A pickle loader that can read the CIFAR batches (protocols 2-5) and nothing more dangerous.
 
 The CIFAR python batches are pickled dicts of bytes, lists and numpy arrays. Unpickling them
 with plain ``pickle.load`` would execute whatever a tampered file asks for (``__reduce__`` can
@@ -31,7 +31,20 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
     ("numpy", "ndarray"): ("numpy", "ndarray"),
     ("numpy", "dtype"): ("numpy", "dtype"),
+    # Protocol 2 has no bytes opcode: Python 3 writes every bytes object (dict keys, the array's
+    # raw data) as _codecs.encode(<latin-1 text>, 'latin1').  Only that exact use is allowed.
+    ("_codecs", "encode"): ("_latin1", "encode"),
 }
+_LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}
+
+
+def _latin1_encode(obj, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles use it (str -> bytes via latin-1), nothing else."""
+    if not isinstance(obj, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1 \
+            or errors != "strict":
+        raise _Refused(f"refusing _codecs.encode({type(obj).__name__}, {encoding!r}): a data pickle only "
+                       "encodes text to bytes as latin-1")
+    return obj.encode("latin-1")
 
 
 class _TooLarge(ValueError):
@@ -82,6 +95,8 @@ def _plain(obj):
 
 
 def _resolve(module: str, name: str):
+    if module == "_latin1":
+        return _latin1_encode
     if module == "multiarray":
         try:  # numpy >= 2: import the new location directly, avoiding numpy.core's deprecation shim
             mod = importlib.import_module("numpy._core.multiarray")

@@ -166,13 +166,13 @@ def rank(result_or_model_info, dataset: str = "cifar10", threat_model: str = "Li
     snapshot = snapshot or load_snapshot()
     pool, eps = entries(snapshot, dataset, threat_model)
     you = parse_result(result_or_model_info)
+    if you["dataset"] is not None and you["dataset"] != dataset:
+        raise ValueError(f"the result is for {you['dataset']}, not {dataset}")
     if you["norm"] is not None and you["norm"] != threat_model:
         raise ValueError(f"the result is for {you['norm']}, not {threat_model}: it cannot be ranked there")
     if you["eps"] is not None and abs(you["eps"] - eps) > _EPS_TOL:
         raise ValueError(f"the result was measured at eps={you['eps']:.6g}, the {dataset}/{threat_model} leaderboard "
                          f"uses eps={eps:.6g}; the numbers are not comparable")
-    if you["dataset"] is not None and you["dataset"] != dataset:
-        raise ValueError(f"the result is for {you['dataset']}, not {dataset}")
     if extra_data is None:
         extra_data = bool(you["extra_data"]) if you["extra_data"] is not None else False
     full = FULL_TEST.get(dataset)

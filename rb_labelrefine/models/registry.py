@@ -39,7 +39,8 @@ def is_model(name: str) -> bool:
     return name in _model_entrypoints or name.startswith(TIMM_PREFIX)
 
 
-def _create_timm(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
+def _create_timm(name: str, num_classes: int, in_channels: int, image_size: Optional[int] = None,
+                 **kwargs) -> nn.Module:
     from .._optional import require
 
     timm = require("timm", "timm", f"the model 'timm:{name}'")
@@ -50,7 +51,16 @@ def _create_timm(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.
     # pretrained=False unless asked: there is no network here, and silently downloading
     # ImageNet weights would change what "training from scratch" means.
     kwargs.setdefault("pretrained", False)
-    return timm.create_model(name, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    model = timm.create_model(name, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    # Patch-embedding models (ViT, DeiT, ...) are built for one input size and fail deep inside
+    # their forward on another; say it here, with the fix.
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if image_size is not None and fixed is not None and tuple(fixed) != (image_size, image_size) \
+            and not getattr(model.patch_embed, "dynamic_img_size", False):
+        raise ValueError(f"timm:{name} is built for {fixed[0]}x{fixed[1]} inputs, the data are "
+                         f"{image_size}x{image_size}: set model.kwargs.img_size={image_size} (e.g. "
+                         f"--set model.kwargs.img_size={image_size}; patch size must divide it)")
+    return model
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
@@ -61,7 +71,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     size is not passed to timm, since only some of its models (ViTs) take ``img_size``.
     """
     if name.startswith(TIMM_PREFIX):
-        return _create_timm(name[len(TIMM_PREFIX):], num_classes, in_channels, **kwargs)
+        return _create_timm(name[len(TIMM_PREFIX):], num_classes, in_channels, image_size, **kwargs)
     if name not in _model_entrypoints:
         raise ValueError(f"unknown model {name!r}; registered: {list_models()} "
                          f"(or '{TIMM_PREFIX}<name>' for any timm model)")
