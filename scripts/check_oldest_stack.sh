@@ -14,9 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
 VENV=${2:-/tmp/rb_labelrefine_oldest_$MODE}
-TORCH=${TORCH:-2.4.1}
-TORCHVISION=${TORCHVISION:-0.19.1}
-TORCHATTACKS=${TORCHATTACKS:-3.4.0}
+TORCH=${TORCH:-2.8.0}
+TORCHVISION=${TORCHVISION:-0.23.0}
+TORCHATTACKS=${TORCHATTACKS:-3.5.0}
 TORCH_CORE=${TORCH_CORE:-2.13.0}
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -30,12 +30,14 @@ ver() { "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('
 case "$MODE" in
   full)
     "${pip[@]}" "torch==$TORCH" "torchvision==$TORCHVISION"
+    # torchattacks without its requests~=2.25.1 pin (it never imports requests), and *before*
+    # robustbench: its wheels carry an old copy of robustbench/ that would overwrite RobustBench's
+    # files if installed after it (the README's workaround)
+    "${pip[@]}" --no-deps "torchattacks==$TORCHATTACKS"
     before="torch $(ver torch) torchvision $(ver torchvision) requests $(ver requests)"
     "${pip[@]}" ".[all,test]"
-    # torchattacks without its requests~=2.25.1 pin (it never imports requests): the README's workaround
-    "${pip[@]}" --no-deps "torchattacks==$TORCHATTACKS"
     after="torch $(ver torch) torchvision $(ver torchvision) requests $(ver requests)"
-    tests=(tests)
+    tests=(.)
     ;;
   core)
     "${pip[@]}" "torch==$TORCH_CORE"
@@ -44,7 +46,7 @@ case "$MODE" in
     "${pip[@]}" "pytest>=7"
     after="torch $(ver torch)"
     # the whole suite: tests that need an extra skip and name it
-    tests=(tests)
+    tests=(.)
     ;;
   *) echo "usage: $0 full|core [VENV]" >&2; exit 2 ;;
 esac
@@ -56,17 +58,18 @@ for pkg in torch torchvision; do
   if [ -n "$b" ] && [ "$b" != "$a" ]; then echo "FAIL: the install replaced $pkg $b with $a" >&2; exit 1; fi
 done
 "$VENV/bin/python" -m pip list --format=freeze | grep -iE '^(torch|torchvision|timm|torchattacks|robustbench|pyautoattack|requests|urllib3|numpy|scipy|scikit-learn|matplotlib)==' || true
-# The tests run against the installed package: a copy of the tree without rb_labelrefine/, so
-# nothing can import the source (tests read README.md, benchmarks/, scripts/ beside them).
+# The tests run against the installed package, from a copy of the tree (the install-hook tests
+# build it) with tests/ as the working directory: neither pytest nor the tests' `python -m`
+# subprocesses then have the source on sys.path.
 work=$(mktemp -d)
-tar --exclude=./rb_labelrefine --exclude=./build --exclude='./*.egg-info' --exclude=./.git -cf - . | tar -xf - -C "$work"
+tar --exclude=./build --exclude='./*.egg-info' --exclude=./.git -cf - . | tar -xf - -C "$work"
 set +e
-(cd "$work" && "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}" > "$work/pytest.log" 2>&1)
+(cd "$work/tests" && "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}" > "$work/pytest.log" 2>&1)
 rc=$?
 set -e
 grep -E "^(FAILED|ERROR)" "$work/pytest.log" | head -40 || true
 tail -1 "$work/pytest.log"
-(cd "$work" && "$VENV/bin/python" -c "import rb_labelrefine; print('tested rb_labelrefine', rb_labelrefine.__version__, 'from', rb_labelrefine.__file__)")
+(cd "$work/tests" && "$VENV/bin/python" -c "import rb_labelrefine; print('tested rb_labelrefine', rb_labelrefine.__version__, 'from', rb_labelrefine.__file__)")
 cp "$work/pytest.log" "${VENV%/}.pytest.log"
 rm -rf "$work"
 total=$(( $(date +%s) - start ))
