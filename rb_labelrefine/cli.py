@@ -391,6 +391,7 @@ def main(argv=None) -> int:
 
 def _classify(exc: BaseException):
     """``(exit code, message)`` of an error by its cause; ``(None, None)`` for what must propagate."""
+    from ._optional import MissingExtraError
     from .config import ConfigError
 
     # An error of a type defined in a module can only exist once that module was imported: look
@@ -415,6 +416,8 @@ def _classify(exc: BaseException):
         # a second signal during training (or Ctrl-C outside it): stop now; files written so
         # far are complete (atomic writes), the last checkpoint is resumable
         return 130, "interrupted"
+    if isinstance(exc, MissingExtraError):   # an optional dependency: the message names the extra
+        return EXIT_USAGE, str(exc)
     if isinstance(exc, NonFiniteLossError):
         return EXIT_FAILED, str(exc)
     if isinstance(exc, StorageError):

@@ -118,7 +118,10 @@ def test_budget_points_is_two_percent_of_an_epoch_within_bounds():
 
 
 def test_curves_draw_the_adr_panel(tmp_path):
-    from PIL import Image
+    from _extras import need
+
+    need("matplotlib")
+    Image = need("PIL.Image")
 
     from rb_labelrefine.plots import plot_curves
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from _extras import need
 from rb_labelrefine.data import FASHION_MNIST_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).exists(), reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
 def test_robust_overfitting_smoke(tmp_path):
+    need("pyautoattack", "matplotlib")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "robust_overfitting.py"), "--preset", "smoke", "--methods",
            "pgd_at", "adr", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path / "runs"), "--results-dir",
            str(tmp_path / "results")]

@@ -15,6 +15,10 @@ import pytest
 import torch
 import yaml
 
+from _extras import need
+
+need("robustbench")
+
 from rb_labelrefine import cli
 from rb_labelrefine.config import Config, dump_config
 from rb_labelrefine.export import robustbench_export as rx

@@ -15,6 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _extras import need
+
+need("sklearn")
+
 from rb_labelrefine.attacks import build_attack
 from rb_labelrefine.averaging import SWA, SAMAWP, bn_update, frozen_bn_stats
 from rb_labelrefine.config import ConfigError, load_config

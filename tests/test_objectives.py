@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _extras import need
 from rb_labelrefine import AWP, EMA, PGDAT, SWA, TRADES, OneHot, Target, bn_update, scale_decay, trades_kl
 from rb_labelrefine.attacks import build_attack
 
@@ -94,7 +95,7 @@ def _conv_net(seed=0):
 def test_attacks_match_torchattacks_exactly(name, norm, bn_mode):
     """The package's own attacks draw the same random numbers and take the same steps as
     torchattacks 3.x: the same x' (and the same BatchNorm statistics) from the same seed."""
-    torchattacks = pytest.importorskip("torchattacks")
+    torchattacks = need("torchattacks")
     g = torch.Generator().manual_seed(3)
     x, y = torch.rand(6, 3, 4, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
     soft = torch.softmax(torch.randn(6, 3, generator=g), 1)

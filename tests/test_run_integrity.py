@@ -32,6 +32,10 @@ import numpy as np
 import pytest
 import torch
 
+from _extras import need
+
+need("sklearn")
+
 from rb_labelrefine import cli
 from rb_labelrefine.config import load_config
 from rb_labelrefine.data import load_digits_data

@@ -5,9 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torchattacks
 
 import rb_labelrefine as rl
+from _extras import need
+
+torchattacks = need("torchattacks")                 # the README loop is a torchattacks user's
+
 from rb_labelrefine.data import IndexedDataset
 from rb_labelrefine.rectifiers import method_names
 
