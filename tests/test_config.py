@@ -32,7 +32,9 @@ def test_paper_hyperparameters_in_presets():
     assert c.attack.eps == pytest.approx(8 / 255) and c.attack.alpha == pytest.approx(2 / 255) and c.attack.steps == 10
     assert c.train.epochs == 200 and c.optim.lr == 0.1 and c.optim.weight_decay == 5e-4 and c.data.batch_size == 128
     c = load_config("cifar100-wrn34-10-pgdat-adr-wa-awp")
-    assert (c.method.tau_high, c.method.tau_low) == (1.5, 1.0) and c.wa.enabled and c.awp.gamma == 0.005
+    # config/cifar100/wrn_pgd_awp_adr.gin of the ADR code: with AWP tau 2.0 -> 1.0, lambda 0.7 -> 0.85
+    assert (c.method.tau_high, c.method.tau_low, c.method.lambda_high) == (2.0, 1.0, 0.85)
+    assert c.wa.enabled and c.awp.gamma == 0.005
     c = load_config("tinyimagenet-resnet18-pgdat-adr")
     assert (c.method.lambda_low, c.method.lambda_high, c.train.epochs) == (0.5, 0.9, 80)
     c = load_config("cifar10-preactresnet18-pgdat-kd-swa")
