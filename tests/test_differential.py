@@ -89,8 +89,11 @@ def package_run(preset, epochs, tmp_path, extra=()):
         tr.rectifier.end_epoch(tr.model)
         if tr.swa is not None and tr.swa.end_epoch(tr.model, epoch) and cfg.swa.bn_form == "code":
             # the loop's BatchNorm recompute after every snapshot; its batches are recorded so the
-            # reference walks the same shuffled partition
-            bn_batches = list(tr._bn_loader(epoch))
+            # reference walks the same shuffled partition.  Like the evaluation, it belongs to the end
+            # of the epoch, whose draws from the global RNG (here: the loader's base seed; in the code:
+            # its shuffle and evaluation attacks) are not part of the comparison.
+            with torch.random.fork_rng(devices=[]):
+                bn_batches = list(tr._bn_loader(epoch))
             tr.bn_batches.append([b[2] for b in bn_batches])
             tr.swa.update_bn(bn_batches, device=tr.device, form="code")
     return tr, init, batches
