@@ -35,6 +35,7 @@ ATTACKS = ("pgd", "tpgd", "apgd", "fgsm", "mifgsm")
 NORMS = ("Linf", "L2")
 BN_MODES = ("train", "eval")
 EVAL_MODELS = ("auto", "raw", "ema", "swa")
+VAL_ATTACK_NAMES = ("pgd_ce", "pgd_margin", "pgd_dlr")   # = evaluation.pgd.VAL_ATTACKS (no torch import here)
 SCHEDULES = ("multistep", "cosine", "constant")
 TRADES_FORWARDS = ("separate", "concat", "three_pass", "three_pass_adv_first")
 ATTACK_STARTS = ("default", "uniform", "normal")
@@ -182,6 +183,10 @@ class EvalConfig:
     model: str = "auto"             # which weights are validated/exported: auto picks swa > ema > raw
     val_attack_steps: int = 10      # PGD-10 on the validation split picks the best checkpoint (ADR)
     select_by: str = "auto"         # robust | clean | auto (clean for objective natural, else robust)
+    # the validation attack behind select_by=robust: pgd_ce (ADR's PGD-10) | pgd_margin | pgd_dlr.
+    # Not pgd_ce: history.json has val_pgd (CE) and val_<attack> every epoch, and the CE-selected
+    # checkpoint is kept beside best as best_pgd_ce.safetensors, so a table can report both.
+    val_attack: str = "pgd_ce"
     test_attack_steps: int = 20     # per-epoch PGD-20 curve on a fixed test subset
     test_every: int = 1
     curve_test_size: Optional[int] = 500
@@ -454,6 +459,8 @@ def validate(cfg: Config) -> Config:
         _check(cfg.swa.enabled, "eval.model", "eval.model=swa needs swa.enabled=true")
     _check(e.val_attack_steps >= 1, "eval.val_attack_steps", "must be >= 1")
     _check(e.select_by in ("auto", "robust", "clean"), "eval.select_by", "must be auto, robust or clean")
+    _check(e.val_attack in VAL_ATTACK_NAMES, "eval.val_attack",
+           f"must be one of {list(VAL_ATTACK_NAMES)}, got {e.val_attack!r}")
     _check(e.test_attack_steps >= 1, "eval.test_attack_steps", "must be >= 1")
     _check(e.test_every >= 1, "eval.test_every", "must be >= 1")
     _check(e.autoattack_n is None or e.autoattack_n >= 1, "eval.autoattack_n",

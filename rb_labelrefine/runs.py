@@ -47,6 +47,7 @@ RUN_FILES = {
     "config": "config.yaml",
     "checkpoint": "checkpoint.pt",
     "best": "best.safetensors",
+    "best_pgd_ce": "best_pgd_ce.safetensors",   # only when eval.val_attack is not pgd_ce
     "final": "final.safetensors",
     "history": "history.json",
     "summary": "summary.json",
@@ -268,12 +269,14 @@ def info_to_metadata(info) -> str:
 
 
 def load_run_model(run_dir, which: str = "best", device="cpu"):
-    """Rebuild the model of a run and load its ``best`` or ``final`` weights.
+    """Rebuild the model of a run and load its ``best`` or ``final`` weights (or ``best_pgd_ce``:
+    the checkpoint cross-entropy PGD would have selected, kept when ``eval.val_attack`` is another
+    attack).
 
     Returns ``(model, cfg, info)``; the model is in eval mode and takes [0, 1] inputs.
     """
-    if which not in ("best", "final"):
-        raise ValueError(f"which must be 'best' or 'final', got {which!r}")
+    if which not in ("best", "final", "best_pgd_ce"):
+        raise ValueError(f"which must be 'best', 'final' or 'best_pgd_ce', got {which!r}")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     path = run_dir / RUN_FILES[which]

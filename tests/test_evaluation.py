@@ -17,9 +17,10 @@ from _extras import need
 need("pyautoattack")
 
 from rb_labelrefine.data.errors import CorruptDatasetError, DatasetNotFoundError
+from rb_labelrefine.config import VAL_ATTACK_NAMES
 from rb_labelrefine.evaluation import (
-    benchmark, clean_accuracy, format_sanity_markdown, load_rb_data, pgd_accuracy, pgd_attack, run_autoattack,
-    sanity_report,
+    VAL_ATTACKS, attack_loss, benchmark, clean_accuracy, format_sanity_markdown, load_rb_data, pgd_accuracy,
+    pgd_attack, pgd_correct, run_autoattack, sanity_report,
 )
 
 CHEAP = {"apgd.n_iter": 10, "apgd.n_restarts": 1}
@@ -93,6 +94,57 @@ def test_pgd_accepts_loaders_with_indices_and_n_ex():
 
 
 # ----------------------------------------------------------------------------- AutoAttack
+
+def test_margin_and_dlr_losses_by_hand():
+    z = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 5.0, 1.0]])
+    y = torch.tensor([0, 1])
+    # margin: best wrong logit minus the true one
+    assert torch.allclose(attack_loss(z, y, "margin"), torch.tensor([1.0 - 3.0, 5.0 - 2.0]))
+    # DLR: margin / (z_pi1 - z_pi3); sorted rows (3, 1, 0, -1) and (5, 2, 1, 0)
+    assert torch.allclose(attack_loss(z, y, "dlr"), torch.tensor([-2.0 / 3.0, 3.0 / 4.0]))
+    assert torch.allclose(attack_loss(z, y, "ce"), torch.nn.functional.cross_entropy(z, y, reduction="none"))
+    # DLR is invariant to shifting and (positively) scaling the logits; the margin scales with them
+    assert torch.allclose(attack_loss(7 * z - 3, y, "dlr"), attack_loss(z, y, "dlr"))
+    assert torch.allclose(attack_loss(7 * z - 3, y, "margin"), 7 * attack_loss(z, y, "margin"))
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        attack_loss(torch.zeros(2, 2), torch.tensor([0, 1]), "dlr")
+    with pytest.raises(ValueError, match="unknown attack loss 'cw'"):
+        attack_loss(z, y, "cw")
+    assert set(VAL_ATTACKS) == set(VAL_ATTACK_NAMES)   # the config's list is the evaluator's
+
+
+@pytest.mark.parametrize("loss", ["margin", "dlr"])
+def test_margin_and_dlr_pgd_are_valid_attacks(loss):
+    model = _mlp()
+    x, y = _points(model)
+    eps = 4 / 255
+    g = torch.Generator().manual_seed(0)
+    x_adv = pgd_attack(model, x, y, eps=eps, alpha=eps / 4, steps=10, generator=g, loss=loss)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        before, after = attack_loss(model(x), y, loss), attack_loss(model(x_adv), y, loss)
+    assert (after >= before - 1e-6).float().mean() > 0.9 and after.mean() > before.mean()
+    # it finds mistakes, seeded without the global RNG: same answer twice, global stream untouched
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = pgd_correct(model, (x, y), eps=0.1, steps=10, seed=3, loss=loss)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = pgd_correct(model, (x, y), eps=0.1, steps=10, seed=3, loss=loss)
+    assert a.dtype == torch.bool and a.shape == (len(y),) and torch.equal(a, b)
+    assert a.float().mean() < 1.0
+    assert pgd_accuracy(model, (x, y), eps=0.1, steps=10, seed=3, loss=loss) == 100.0 * a.float().mean().item()
+    with pytest.raises(ValueError, match="unknown attack loss"):
+        pgd_correct(model, (x, y), eps=0.1, loss="hinge")
+
+
+def test_pgd_correct_is_per_point_and_in_data_order():
+    model = _mlp()
+    x, y = _points(model, n=40)
+    y_wrong = y.clone()
+    y_wrong[::2] = (y[::2] + 1) % 10   # even points misclassified on the clean input
+    out = pgd_correct(model, DataLoader(TensorDataset(x, y_wrong), batch_size=7), eps=0.0, steps=1)
+    assert out.tolist() == [i % 2 == 1 for i in range(40)]
+
 
 def test_autoattack_custom_on_a_tiny_model():
     model = _mlp()

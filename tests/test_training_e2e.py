@@ -129,3 +129,30 @@ def test_sglr_memory_is_rolled_back_with_a_non_finite_step(tmp_path):
     memory = state["rectifier"]["memory"]
     assert torch.isfinite(memory).all() and torch.equal(memory, steps[-1].cpu())
     assert int(state["rectifier"]["seen"].sum()) == 32   # the first batch's rows only
+
+
+@pytest.mark.parametrize("val_attack", ["pgd_margin", "pgd_dlr"])
+def test_selection_by_a_non_ce_validation_attack_keeps_both_bests(tmp_path, val_attack):
+    summary = _train(tmp_path, "run", "digits-adr", [f"eval.val_attack={val_attack}", "train.epochs=3"])
+    run = tmp_path / "run"
+    hist = json.loads((run / "history.json").read_text())
+    key = f"val_{val_attack}"
+    assert all(0 <= r[key] <= r["val_clean"] + 1e-9 and "val_pgd" in r for r in hist)
+    # best = argmax of the chosen attack (first of ties), best_pgd_ce = argmax of CE PGD
+    pick = lambda k: max(range(len(hist)), key=lambda i: (hist[i][k], -i)) + 1  # noqa: E731
+    assert summary["best_epoch"] == pick(key) and summary["best"]["val_attack"] == val_attack
+    assert summary["best"]["score"] == hist[pick(key) - 1][key]
+    assert summary["best_pgd_ce_epoch"] == pick("val_pgd") and key in summary["final"]
+    assert int(read_weights(run / "best_pgd_ce.safetensors")[1]["epoch"]) == pick("val_pgd")
+    assert int(read_weights(run / "best.safetensors")[1]["epoch"]) == pick(key)
+    load_run_model(run, "best_pgd_ce")
+
+
+def test_ce_selection_writes_no_second_best(tmp_path):
+    summary = _train(tmp_path, "run", "digits-pgdat")
+    assert not (tmp_path / "run" / "best_pgd_ce.safetensors").exists() and "best_pgd_ce" not in summary
+    assert summary["best"]["val_attack"] == "pgd_ce"
+    from rb_labelrefine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.val_attack"):
+        load_config("digits-pgdat", ["eval.val_attack=apgd"])

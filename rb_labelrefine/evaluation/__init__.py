@@ -5,14 +5,17 @@ Importing this package does not import RobustBench (slow, and it needs the autoa
 the RobustBench functions import it on first use through ``rb_labelrefine.compat``.
 """
 from .autoattack import ATTACKS, STANDARD_ATTACKS, VERSIONS, describe_autoattack, machine_info, run_autoattack
-from .pgd import clean_accuracy, describe_pgd, format_eps, iter_batches, pgd_accuracy, pgd_attack
+from .pgd import (
+    VAL_ATTACKS, attack_loss, clean_accuracy, describe_pgd, format_eps, iter_batches, pgd_accuracy, pgd_attack,
+    pgd_correct,
+)
 from .robustbench_eval import (
     DATASETS, DEFAULT_EPS, THREAT_MODELS, benchmark, check_rb_data, default_eps, load_rb_data, resolve_benchmark,
 )
 from .sanity import CHECKS, format_sanity_markdown, sanity_report
 
 __all__ = [
-    "pgd_attack", "pgd_accuracy", "clean_accuracy", "iter_batches", "describe_pgd", "format_eps",
+    "pgd_attack", "pgd_accuracy", "pgd_correct", "attack_loss", "VAL_ATTACKS", "clean_accuracy", "iter_batches", "describe_pgd", "format_eps",
     "run_autoattack", "describe_autoattack", "machine_info", "ATTACKS", "STANDARD_ATTACKS", "VERSIONS",
     "sanity_report", "format_sanity_markdown", "CHECKS",
     "load_rb_data", "benchmark", "check_rb_data", "resolve_benchmark", "default_eps",

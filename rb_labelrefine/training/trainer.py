@@ -406,6 +406,7 @@ class Trainer:
             "awp": self.awp.state_dict() if self.awp is not None else None,
             "rng": _rng_state(),
             "best": dict(self.best),
+            "best_pgd_ce": dict(self.best_pgd_ce),
             "history": json.dumps(self.history),
             "epoch_acc": {k: float(v) for k, v in self.epoch_acc.items()},
         }
@@ -439,6 +440,7 @@ class Trainer:
         try:
             history = json.loads(state["history"])
             best = dict(state["best"])
+            best_pgd_ce = dict(state.get("best_pgd_ce") or {"epoch": -1, "score": -1.0})
             epoch_acc = {k: float(v) for k, v in dict(state.get("epoch_acc") or {}).items()}
             if not isinstance(history, list) or len(history) != epoch:
                 raise ValueError(f"{len(history) if isinstance(history, list) else 'no'} records for {epoch} epochs")
@@ -466,6 +468,7 @@ class Trainer:
                 _check_optimizer_shapes(self.optimizer, where)
         self.global_step = step
         self.best = best
+        self.best_pgd_ce = best_pgd_ce
         self.history = history
         self.epoch_acc = epoch_acc
         self.start_epoch, self.start_batch = epoch, batch
@@ -505,17 +508,18 @@ class Trainer:
         sampler.set_epoch(epoch)
         return DataLoader(self.train_ds, batch_size=self.cfg.data.batch_size, sampler=sampler)
 
-    def _evaluate(self, model: nn.Module, loader, steps: int) -> tuple[float, float]:
+    def _evaluate(self, model: nn.Module, loader, steps: int, loss: str = "ce",
+                  clean: bool = True) -> tuple[Optional[float], float]:
         from ..evaluation.pgd import clean_accuracy, pgd_accuracy
 
         a = self.cfg.attack
         was = model.training
         model.eval()
-        clean = clean_accuracy(model, loader, device=self.device)
+        clean_acc = clean_accuracy(model, loader, device=self.device) if clean else None
         robust = pgd_accuracy(model, loader, eps=a.eps, alpha=a.alpha, steps=steps, norm=a.norm,
-                              random_start=True, device=self.device)
+                              random_start=True, device=self.device, loss=loss)
         model.train(was)
-        return clean, robust
+        return clean_acc, robust
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame):
@@ -601,6 +605,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.global_step, self.start_epoch, self.start_batch = 0, 0, 0
         self.best = {"epoch": -1, "score": -1.0}
+        self.best_pgd_ce = {"epoch": -1, "score": -1.0}
         self.history = []
         self.epoch_acc = {}
         if self.resume:
@@ -832,8 +837,14 @@ class Trainer:
                "train_loss": acc["loss"] / max(acc["seen"], 1),
                "train_robust_acc": 100.0 * acc["correct"] / max(acc["seen"], 1),
                "train_time_s": acc["time"], "eval_model": which}
+        va = cfg.eval.val_attack
         if self.val_loader is not None:
             rec["val_clean"], rec["val_pgd"] = self._evaluate(model, self.val_loader, cfg.eval.val_attack_steps)
+            if va != "pgd_ce":
+                from ..evaluation.pgd import VAL_ATTACKS
+
+                rec[f"val_{va}"] = self._evaluate(model, self.val_loader, cfg.eval.val_attack_steps,
+                                                  loss=VAL_ATTACKS[va], clean=False)[1]
         if (epoch + 1) % cfg.eval.test_every == 0 or epoch + 1 == cfg.train.epochs:
             rec["test_clean"], rec["test_pgd"] = self._evaluate(model, self.curve_loader, cfg.eval.test_attack_steps)
         self.history.append(rec)
@@ -842,17 +853,29 @@ class Trainer:
         by = self.cfg.eval.select_by
         if by == "auto":
             by = "clean" if self.cfg.objective.name == "natural" else "robust"
-        score = rec.get("val_pgd" if by == "robust" else "val_clean",
+        val_key = "val_pgd" if va == "pgd_ce" else f"val_{va}"
+        score = rec.get(val_key if by == "robust" else "val_clean",
                         rec.get("test_pgd" if by == "robust" else "test_clean"))
         if score is not None and score > self.best.get("score", self.best.get("val_pgd", -1.0)):
             self.best = {"epoch": epoch + 1, "score": score, "selected_by": by, "val_pgd": rec.get("val_pgd"),
                          "val_clean": rec.get("val_clean"),
                          "test_clean": rec.get("test_clean"), "test_pgd": rec.get("test_pgd"), "eval_model": which}
+            if by == "robust":
+                self.best["val_attack"] = va
+                if va != "pgd_ce":
+                    self.best[val_key] = rec.get(val_key)
             write_weights(model, self.out / RUN_FILES["best"], self._weights_meta(epoch + 1, which))
+        # the checkpoint cross-entropy PGD would pick, beside the one the other attack picks
+        ce_score = rec.get("val_pgd") if by == "robust" and va != "pgd_ce" else None
+        if ce_score is not None and ce_score > self.best_pgd_ce.get("score", -1.0):
+            self.best_pgd_ce = {"epoch": epoch + 1, "score": ce_score, "val_pgd": ce_score,
+                                val_key: rec.get(val_key), "test_pgd": rec.get("test_pgd")}
+            write_weights(model, self.out / RUN_FILES["best_pgd_ce"], self._weights_meta(epoch + 1, which))
         parts = [f"epoch {epoch + 1}/{cfg.train.epochs}", f"loss {rec['train_loss']:.4f}",
                  f"train-adv {rec['train_robust_acc']:.1f}%"]
         if "val_pgd" in rec:
-            parts.append(f"val clean {rec['val_clean']:.1f}% pgd{cfg.eval.val_attack_steps} {rec['val_pgd']:.1f}%")
+            parts.append(f"val clean {rec['val_clean']:.1f}% pgd{cfg.eval.val_attack_steps} {rec['val_pgd']:.1f}%"
+                         + (f" {va} {rec[val_key]:.1f}%" if va != "pgd_ce" else ""))
         if "test_pgd" in rec:
             parts.append(f"test clean {rec['test_clean']:.1f}% pgd{cfg.eval.test_attack_steps} {rec['test_pgd']:.1f}%")
         parts.append(f"[{which}] {acc['time']:.1f}s")
@@ -889,6 +912,8 @@ class Trainer:
         final_path = write_weights(model, self.out / RUN_FILES["final"], self._weights_meta(cfg.train.epochs, which))
         self._stop_if_signalled_after_training(f"final weights written to {final_path}")
         last = self.history[-1] if self.history else {}
+        final_keys = ("val_clean", "val_pgd", "test_clean", "test_pgd") + \
+            ((f"val_{cfg.eval.val_attack}",) if cfg.eval.val_attack != "pgd_ce" else ())
         summary = {
             "name": cfg.name, "method": cfg.method.name, "objective": cfg.objective.name,
             "dataset": self.info.name, "arch": cfg.model.arch, "epochs": cfg.train.epochs,
@@ -900,7 +925,10 @@ class Trainer:
                 "adr_teacher": getattr(getattr(self.rectifier, "teacher", None), "decay", None)}.items() if v is not None},
             "best_epoch": self.best["epoch"],
             "best": {k: v for k, v in self.best.items() if k != "epoch"},
-            "final": {"epoch": cfg.train.epochs, **{k: last.get(k) for k in ("val_clean", "val_pgd", "test_clean", "test_pgd")}},
+            **({"best_pgd_ce_epoch": self.best_pgd_ce["epoch"],
+                "best_pgd_ce": {k: v for k, v in self.best_pgd_ce.items() if k != "epoch"}}
+               if self.best_pgd_ce["epoch"] >= 1 else {}),
+            "final": {"epoch": cfg.train.epochs, **{k: last.get(k) for k in final_keys}},
             "paths": {"best": str(self.out / RUN_FILES["best"]), "final": str(final_path),
                       "config": str(self.out / RUN_FILES["config"]), "history": str(self.out / RUN_FILES["history"]),
                       "checkpoint": str(self.out / RUN_FILES["checkpoint"])},
