@@ -8,6 +8,7 @@ Table 1 (Wu et al. 2024): best / final / difference.
 
     python benchmarks/robust_overfitting.py --preset fmnist-small [--jobs 2] [--out DIR]
            [--methods pgd_at adr ...] [--seeds 0 1] [--results-dir DIR] [--data-root DIR]
+    python benchmarks/robust_overfitting.py --preset fmnist-long    # issue 13: 200 epochs, 3 seeds, paired CIs
     python benchmarks/robust_overfitting.py --preset smoke      # everything, 2 epochs, ~1 minute
     python benchmarks/robust_overfitting.py --report-only --out DIR   # rebuild the table from finished runs
 
@@ -19,6 +20,13 @@ cores better than one two-thread process), most important first; the JSON / mark
 rewritten after every finished run, so a partial table survives an interruption.  A finished run
 (``benchmark_record.json`` in its directory) is reused when the script is started again with the
 same ``--out``; an interrupted one is resumed from its checkpoint.
+
+Every checkpoint's per-point outcomes (clean, PGD-20, AutoAttack: 0/1 strings under
+``per_point`` in the JSON) are kept, and each method is compared with its base objective (PGD-AT,
+or TRADES for LTD) *paired* -- same test points, same seeds -- with 95 % bootstrap CIs over test
+points and seeds (``paired_stats.py``) and a verdict per claim (yes / no / cannot tell).  With a
+preset's ``val_attack`` other than ``pgd_ce`` (fmnist-long: margin PGD-10), *best* is selected by
+that attack and the checkpoint CE-PGD validation would pick is scored beside it.
 
 Outputs (``--results-dir``, default ``benchmarks/results`` for ``fmnist-small``, ``--out`` for
 ``smoke``): ``robust_overfitting_<tag>.json``, ``.md`` and ``.png``.
@@ -38,6 +46,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:   # paired_stats lives beside this script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # JSON name -> preset (the table's rows, in display order)
 METHODS = {
@@ -55,7 +65,12 @@ METHODS = {
 LABELS = {"pgd_at": "PGD-AT", "trades": "TRADES", "label_smoothing": "PGD-AT + LS", "adr": "PGD-AT + ADR",
           "adr_wa": "PGD-AT + ADR + WA", "sglr": "PGD-AT + SGLR", "kd_swa": "PGD-AT + KD + SWA",
           "ltd": "TRADES + LTD", "awp": "PGD-AT + AWP", "wa": "PGD-AT + WA"}
-MULTI_SEED = ("pgd_at", "adr", "sglr", "kd_swa")   # reported as mean +- std over --seeds
+MULTI_SEED = ("pgd_at", "adr", "sglr", "kd_swa")   # reported as mean +- std over --seeds (a preset's
+# "multi_seed" replaces it)
+# The base objective a method adds to: paired differences are taken to it (same points, same seeds).
+BASES = {"label_smoothing": "pgd_at", "adr": "pgd_at", "adr_wa": "pgd_at", "sglr": "pgd_at", "kd_swa": "pgd_at",
+         "awp": "pgd_at", "wa": "pgd_at", "ltd": "trades"}
+CHECKPOINTS = ("best", "final", "best_pgd_ce")   # best_pgd_ce: what CE-PGD validation would pick
 # Priority: what matters most finishes first (a partial table is still useful).
 PRIORITY = ["pgd_at", "adr", "sglr", "natural", "kd_swa", "ltd", "trades", "label_smoothing", "adr_wa", "awp",
             "wa"]
@@ -64,6 +79,7 @@ NATURAL_PRESET = "fmnist-natural"
 TEACHER_SEED = 0   # the KD / LTD teachers are the seed-0 PGD-AT and natural runs, for every student seed
 
 FMNIST_N_TRAIN = 60000
+TRAIN_LONG = 500
 
 PRESETS = {
     # The measured CPU setting: 500 training images, eps 0.1, 120 epochs (lr 0.1, /10 at 60 and 90).
@@ -80,6 +96,18 @@ PRESETS = {
         "aa_n": 300, "aa_params": None,
         "seeds": [0, 1], "jobs": 2, "checkpoint_every": 10,
     },
+    # Issue 13: a CIFAR-shaped schedule (200 epochs, lr /10 at 100 and 150, as in the ADR code) on
+    # TRAIN_LONG images; more test points (PGD-20 on 1000 per checkpoint, AutoAttack on 500) and 3
+    # seeds for the six methods the claims are about; "best" selected by PGD-10 on the margin loss
+    # (cross-entropy PGD flatters soft-label methods), the CE-selected checkpoint scored beside it.
+    "fmnist-long": {
+        "tag": "fmnist_long",
+        "epochs": 200, "milestones": [100, 150], "train_subset": TRAIN_LONG, "batch_size": 128,
+        "val_size": 200, "test_subset": 2000, "curve_n": 1000, "test_every": 10,
+        "aa_n": 500, "aa_params": None,
+        "seeds": [0, 1, 2], "jobs": 2, "checkpoint_every": 10,
+        "val_attack": "pgd_margin", "multi_seed": ["pgd_at", "adr", "sglr", "kd_swa", "trades", "ltd"],
+    },
     # Everything for 2 epochs on 64 images with a reduced AutoAttack: checks the script, not the science.
     "smoke": {
         "tag": "smoke",
@@ -87,7 +115,7 @@ PRESETS = {
         "val_size": 32, "test_subset": 64, "curve_n": 64, "test_every": 1,
         "aa_n": 16, "aa_params": {"apgd.n_iter": 5, "apgd_targeted.n_iter": 5, "fab.n_iter": 5,
                                   "square.n_queries": 20},
-        "seeds": [0, 1], "jobs": 2, "checkpoint_every": 1,
+        "seeds": [0, 1], "jobs": 2, "checkpoint_every": 1, "val_attack": "pgd_margin",
     },
 }
 
@@ -101,9 +129,10 @@ def _key(method: str, seed: int) -> str:
 def build_jobs(methods, seeds, p: dict, out: Path, data_root=None) -> list[dict]:
     """The runs to do, in priority order, each with its dependencies (teacher runs)."""
     wanted = list(methods)
+    multi = p.get("multi_seed", MULTI_SEED)
     need = []   # (method, seed)
     for m in wanted:
-        for s in (seeds if m in MULTI_SEED else seeds[:1]):
+        for s in (seeds if m in multi else seeds[:1]):
             need.append((m, s))
     # teachers
     if any(m in ("kd_swa", "ltd") for m, _ in need):
@@ -120,6 +149,8 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None) -> list[dict]
               f"data.val_fraction={p['val_size'] / FMNIST_N_TRAIN!r}", f"data.test_subset={p['test_subset']}",
               f"eval.curve_test_size={p['curve_n']}", f"eval.test_every={p['test_every']}",
               f"train.checkpoint_every={p['checkpoint_every']}", "train.threads=1", "eval.autoattack=false"]
+    if p.get("val_attack", "pgd_ce") != "pgd_ce":   # (fmnist-small's runs keep their overrides)
+        common.append(f"eval.val_attack={p['val_attack']}")
     if data_root:
         common.append(f"data.root={data_root}")
     jobs = []
@@ -154,6 +185,27 @@ def run_job(job: dict, phase: str = "train") -> dict:
         raise RuntimeError(f"{job['key']} ({phase}): {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from None
 
 
+def _checkpoints(rec_or_dir) -> list[str]:
+    """The checkpoints a run has: best and final, and best_pgd_ce when validation used another attack."""
+    if isinstance(rec_or_dir, dict):
+        return [w for w in CHECKPOINTS if w in rec_or_dir]
+    return [w for w in CHECKPOINTS if w != "best_pgd_ce" or (Path(rec_or_dir) / "best_pgd_ce.safetensors").exists()]
+
+
+def _score_points(model, x, y, a) -> dict:
+    """Clean and PGD-20 accuracy of one checkpoint, with the per-point outcomes (0/1 strings)."""
+    import torch
+
+    from rb_labelrefine.evaluation.pgd import pgd_correct
+    from paired_stats import points_str
+
+    with torch.no_grad():
+        clean = torch.cat([model(x[i:i + 256]).argmax(1) == y[i:i + 256] for i in range(0, len(y), 256)])
+    pgd = pgd_correct(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20, norm=a.norm, seed=0)
+    return {"clean": 100.0 * clean.float().mean().item(), "pgd20": 100.0 * pgd.float().mean().item(),
+            "clean_points": points_str(clean), "pgd20_points": points_str(pgd)}
+
+
 def _run_job(job: dict, phase: str = "train") -> dict:
     """``phase="train"``: train one run (or reuse / resume it) and score its best and final
     weights with clean accuracy and PGD-20.  ``phase="aa"``: add AutoAttack on both."""
@@ -162,7 +214,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
     torch.set_num_threads(1)
     from rb_labelrefine.config import load_config
     from rb_labelrefine.evaluation.autoattack import run_autoattack
-    from rb_labelrefine.evaluation.pgd import clean_accuracy, pgd_accuracy
+    from rb_labelrefine.evaluation.pgd import pgd_accuracy
     from rb_labelrefine.runs import RUN_FILES, load_run_model
     from rb_labelrefine.training.trainer import Trainer, _stack
 
@@ -186,27 +238,35 @@ def _run_job(job: dict, phase: str = "train") -> dict:
     if phase == "aa":
         if rec is None:
             raise RuntimeError(f"{out}: train it before AutoAttack")
-        have_aa = rec["best"].get("autoattack") is not None and rec["final"].get("autoattack") is not None \
-            and rec["best"].get("autoattack_n") == job["aa_n"]
-        if have_aa and all(rec[w].get("pgd20_aa_points") is not None for w in ("best", "final")):
-            rec["reused"] = True
-            return rec
+        from paired_stats import points_str
+
         from rb_labelrefine.data import build_datasets
 
+        todo = [w for w in _checkpoints(rec) if not (rec[w].get("autoattack") is not None
+                and rec[w].get("autoattack_n") == job["aa_n"] and rec[w].get("pgd20_aa_points") is not None
+                and rec[w].get("autoattack_points") is not None)]
+        if not todo:
+            rec["reused"] = True
+            return rec
         d = cfg.data
         _, _, test, _ = build_datasets(d.name, root=d.root, val_fraction=d.val_fraction, train_subset=d.train_subset,
                                        seed=d.seed, test_subset=d.test_subset)
         x, y = _stack(test, job["aa_n"])
         a = cfg.attack
-        aa_seconds = 0.0
-        for which in ("best", "final"):
+        aa_seconds = rec.get("autoattack_seconds") or 0.0
+        for which in todo:
+            if which == "best_pgd_ce" and rec[which].get("epoch") == rec["best"].get("epoch") \
+                    and rec["best"].get("autoattack_points") is not None \
+                    and rec["best"].get("autoattack_n") == job["aa_n"]:
+                # the same epoch's weights: CE validation picked the same checkpoint
+                rec[which].update({k: v for k, v in rec["best"].items() if k.startswith("autoattack")
+                                   or k == "pgd20_aa_points"})
+                continue
             model, _, _ = load_run_model(out, which)
             # PGD-20 on exactly the AutoAttack points: the curve's PGD-20 uses more images, so only
             # this number can be compared with AutoAttack (which must not be above it: a sanity check).
             rec[which]["pgd20_aa_points"] = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20,
                                                          norm=a.norm, seed=0)
-            if have_aa:  # attacked earlier at this n: only the PGD-20 above was missing
-                continue
             t1 = time.time()
             kw = {"attack_params": job["aa_params"]} if job["aa_params"] else {}
             aa = run_autoattack(model, x, y, norm=a.norm, eps=a.eps, version="standard", n_ex=job["aa_n"],
@@ -216,16 +276,30 @@ def _run_job(job: dict, phase: str = "train") -> dict:
                 f"{time.time() - t1:.0f}s)")
             rec[which].update({"autoattack": aa["robust_acc"], "autoattack_clean": aa["clean_acc"],
                                "autoattack_n": aa["n"], "autoattack_per_attack": aa.get("per_attack"),
-                               "autoattack_version": aa.get("version"), "autoattack_flags": aa.get("flags")})
-        if have_aa:
-            rec["reused"] = True
-        else:
-            rec["autoattack_seconds"] = round(aa_seconds, 1)
+                               "autoattack_version": aa.get("version"), "autoattack_flags": aa.get("flags"),
+                               "autoattack_points": points_str(aa["robust_correct"])})
+            _write_record(rec_path, rec)   # one checkpoint's AutoAttack survives an interruption
+        rec["autoattack_seconds"] = round(aa_seconds, 1)
         _write_record(rec_path, rec)
         logf.close()
         return rec
 
-    if rec is not None:
+    if rec is not None and all("pgd20_points" in rec[w] for w in _checkpoints(out)):
+        rec["reused"] = True
+        return rec
+    if rec is not None:   # a record from before per-point outcomes were stored: add them (cheap)
+        trainer = Trainer(cfg, out, progress=False, log=log)
+        trainer._setup()
+        x, y = _stack(trainer.test_ds, job["curve_n"])
+        summary = json.loads((out / RUN_FILES["summary"]).read_text())
+        for which in _checkpoints(out):
+            model, _, _ = load_run_model(out, which)
+            rec.setdefault(which, {"autoattack": None, "autoattack_n": None})
+            rec[which].update(_score_points(model, x, y, cfg.attack))
+        if "best_pgd_ce" in rec:
+            rec["best_pgd_ce"]["epoch"] = summary.get("best_pgd_ce_epoch")
+        _write_record(rec_path, rec)
+        logf.close()
         rec["reused"] = True
         return rec
     resume = (out / RUN_FILES["checkpoint"]).exists() and not (out / RUN_FILES["summary"]).exists()
@@ -244,24 +318,28 @@ def _run_job(job: dict, phase: str = "train") -> dict:
     x, y = _stack(trainer.test_ds, job["curve_n"])
     a = cfg.attack
     scores = {}
-    for which in ("best", "final"):
+    for which in _checkpoints(out):
         model, _, _ = load_run_model(out, which)
-        clean = clean_accuracy(model, (x, y))
-        pgd20 = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20, norm=a.norm, seed=0)
-        log(f"{which}: clean {clean:.2f} pgd20 {pgd20:.2f} on {len(y)} test images")
-        scores[which] = {"clean": clean, "pgd20": pgd20, "autoattack": None, "autoattack_n": None}
+        scores[which] = {**_score_points(model, x, y, a), "autoattack": None, "autoattack_n": None}
+        log(f"{which}: clean {scores[which]['clean']:.2f} pgd20 {scores[which]['pgd20']:.2f} on {len(y)} test images")
     scores["best"]["epoch"] = summary["best_epoch"]
     scores["best"]["val_pgd10"] = summary["best"].get("val_pgd")
+    scores["best"]["selected_by"] = summary["best"].get("val_attack", "pgd_ce")
     scores["final"]["epoch"] = summary["epochs"]
     scores["final"]["val_pgd10"] = summary["final"].get("val_pgd")
-    curve = [{k: r.get(k) for k in ("epoch", "lr", "test_clean", "test_pgd", "val_pgd", "train_robust_acc")}
+    if "best_pgd_ce" in scores:
+        scores["best_pgd_ce"]["epoch"] = summary.get("best_pgd_ce_epoch")
+        scores["best_pgd_ce"]["val_pgd10"] = (summary.get("best_pgd_ce") or {}).get("val_pgd")
+        scores["best_pgd_ce"]["selected_by"] = "pgd_ce"
+    val_keys = tuple(k for k in (history[0] if history else {}) if k.startswith("val_pgd_"))
+    curve = [{k: r.get(k) for k in ("epoch", "lr", "test_clean", "test_pgd", "val_pgd", "train_robust_acc") + val_keys}
              for r in history if r.get("test_pgd") is not None]
     peak = max(curve, key=lambda r: r["test_pgd"]) if curve else None
     tra = [r["train_robust_acc"] for r in history]
     rec = {
         "key": job["key"], "method": job["method"], "seed": job["seed"], "preset": job["preset"],
         "overrides": job["overrides"], "run_dir": str(out),
-        "best": scores["best"], "final": scores["final"], "curve": curve,
+        **scores, "curve": curve,
         "curve_peak": {"epoch": peak["epoch"], "test_pgd": peak["test_pgd"]} if peak else None,
         "train_robust_acc": {"at_best": history[summary["best_epoch"] - 1]["train_robust_acc"]
                              if summary["best_epoch"] >= 1 else None,
@@ -297,26 +375,26 @@ def _aa_at_n(rec: dict, aa_n) -> dict:
     if aa_n is None:
         return rec
     rec = dict(rec)
-    for which in ("best", "final"):
+    for which in _checkpoints(rec):
         if rec[which].get("autoattack_n") not in (None, aa_n):
             rec[which] = {k: v for k, v in rec[which].items() if not k.startswith("autoattack")
                           and k != "pgd20_aa_points"}
     return rec
 
 
-def aggregate(records: dict, seeds, aa_n=None) -> dict:
+def aggregate(records: dict, seeds, aa_n=None, multi=MULTI_SEED) -> dict:
     records = {k: _aa_at_n(r, aa_n) for k, r in records.items()}
     methods = {}
     for name in METHODS:
         recs = [records[k] for k in sorted(records) if records[k]["method"] == name]
-        if name not in MULTI_SEED:
+        if name not in multi:
             recs = recs[:1] if recs else []
             recs = [r for r in recs]
         if not recs:
             continue
         entry = {"preset": METHODS[name], "label": LABELS[name], "n_seeds": len(recs),
                  "seeds_used": [r["seed"] for r in recs]}
-        for which in ("best", "final"):
+        for which in [w for w in CHECKPOINTS if all(w in r for r in recs)]:
             d = {}
             for f in ("epoch", "clean", "pgd20", "autoattack", "pgd20_aa_points", "val_pgd10"):
                 vals = [r[which].get(f) for r in recs]
@@ -361,14 +439,19 @@ def aggregate(records: dict, seeds, aa_n=None) -> dict:
         entry["train_seconds"] = [r["train_seconds"] for r in recs]
         entry["autoattack_seconds"] = [r["autoattack_seconds"] for r in recs]
         if len(recs) > 1:
-            entry["seeds"] = [{"seed": r["seed"], "run_dir": r["run_dir"], "best": r["best"], "final": r["final"],
-                               "curve_peak": r["curve_peak"], "train_robust_acc": r["train_robust_acc"]}
-                              for r in recs]
+            entry["seeds"] = [{"seed": r["seed"], "run_dir": r["run_dir"], "curve_peak": r["curve_peak"],
+                               "train_robust_acc": r["train_robust_acc"],
+                               **{w: _no_points(r[w]) for w in _checkpoints(r)}} for r in recs]
         else:
             entry["run_dir"] = recs[0]["run_dir"]
             entry["seed"] = recs[0]["seed"]
         methods[name] = entry
     return methods
+
+
+def _no_points(d: dict) -> dict:
+    """A checkpoint's results without the per-point strings (those live under "per_point")."""
+    return {k: v for k, v in d.items() if not k.endswith("_points") or k == "pgd20_aa_points"}
 
 
 def _fmt(d: dict, f: str) -> str:
@@ -436,6 +519,83 @@ def claims(methods: dict, n_points: Optional[dict] = None) -> list[dict]:
     return out
 
 
+PAIRED_METRICS = {"autoattack": "autoattack_points", "pgd20": "pgd20_points"}
+
+
+def paired_claims(records: dict, aa_n=None, n_boot: int = 2000) -> list[dict]:
+    """Every method against its base objective (BASES), paired: the same test points and the same
+    training seeds (the seeds both have).  Per metric (AutoAttack, PGD-20) and per selection of
+    *best* (the preset's validation attack; and CE-PGD validation where a run kept that checkpoint):
+    95 % bootstrap CIs (paired_stats) of the final and the best difference, of both gaps
+    (best - final) and of their difference, and the verdicts "higher final" and "cuts the gap by
+    half"."""
+    from paired_stats import as_points, gap_scores, paired_bootstrap, verdict_above_zero, verdict_halves
+
+    records = {k: _aa_at_n(r, aa_n) for k, r in records.items()}
+    by = {}
+    for r in records.values():
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    out = []
+    for m in METHODS:
+        base = BASES.get(m)
+        if m not in by or base not in by:
+            continue
+        for metric, field in PAIRED_METRICS.items():
+            for sel in ("best", "best_pgd_ce"):
+                need = (sel, "final")
+                seeds = sorted(s for s in by[m] if s in by[base]
+                               and all(by[x][s].get(w, {}).get(field) for x in (m, base) for w in need))
+                if not seeds:
+                    continue
+                arr = {(x, w): [as_points(by[x][s][w][field]) for s in seeds] for x in (m, base) for w in need}
+                if len({len(v) for v in arr.values() for v in v}) != 1:
+                    continue   # different numbers of points: not paired
+                A_b, A_f, B_b, B_f = (arr[(m, sel)], arr[(m, "final")], arr[(base, sel)], arr[(base, "final")])
+                ci = lambda a, b: paired_bootstrap(a, b, n_boot=n_boot)  # noqa: E731
+                g_m, g_b = gap_scores(A_b, A_f), gap_scores(B_b, B_f)
+                zero = 0 * g_m
+                row = {"method": m, "base": base, "metric": metric, "selection": sel, "seeds": seeds,
+                       "n_points": len(A_f[0]),
+                       "final_diff": ci(A_f, B_f), "best_diff": ci(A_b, B_b),
+                       "gap": ci(g_m, zero), "base_gap": ci(g_b, zero), "gap_diff": ci(g_m, g_b),
+                       "gap_excess_over_half": ci(g_m, 0.5 * g_b)}
+                row["higher_final"] = verdict_above_zero(row["final_diff"])
+                row["halves_gap"] = verdict_halves(row["gap_excess_over_half"], row["base_gap"])
+                out.append(row)
+    return out
+
+
+def _ci_s(c: dict) -> str:
+    return f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]"
+
+
+def render_paired(rows: list[dict], s: dict) -> list[str]:
+    if not rows:
+        return []
+    sel_name = {"best": f"val {s.get('val_selection', 'pgd_ce')}", "best_pgd_ce": "val pgd_ce"}
+    lines = ["**Paired differences to the base objective** (PGD-AT for the PGD-AT-based methods, TRADES for "
+             "TRADES + LTD; the same test points and the same seeds; 95 % bootstrap CI over test points and "
+             "seeds in brackets; gap = best − final; *selection* = the validation attack that picked *best*). "
+             "*Cuts the gap by half*: yes when gap − ½ × base gap is below 0 with 95 % confidence, no when "
+             "above, cannot tell when 0 is inside its CI or the base's own gap is not above 0 with confidence; "
+             "*higher final* likewise for the final difference. ± half-width ≤ 2 resolves a 3-point difference.",
+             "",
+             "| Method | base | metric | selection | seeds | n | final − base final | best − base best | gap | "
+             "base gap | gap − base gap | cuts the gap by half? | higher final? | final CI ± |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {LABELS[r['method']]} | {LABELS[r['base']]} | "
+                     f"{'AutoAttack' if r['metric'] == 'autoattack' else 'PGD-20'} | {sel_name[r['selection']]} | "
+                     f"{','.join(map(str, r['seeds']))} | {r['n_points']} | {_ci_s(r['final_diff'])} | "
+                     f"{_ci_s(r['best_diff'])} | {_ci_s(r['gap'])} | {_ci_s(r['base_gap'])} | "
+                     f"{_ci_s(r['gap_diff'])} | {r['halves_gap']} | {r['higher_final']} | "
+                     f"{r['final_diff']['half_width']:.2f} |")
+    one = sorted({LABELS[r["method"]] for r in rows if len(r["seeds"]) == 1})
+    lines += ["", "With one seed the interval covers the test points only, not the seed-to-seed spread"
+              + (f" ({', '.join(one)})." if one else "."), ""]
+    return lines
+
+
 def render_markdown(result: dict) -> str:
     s, methods = result["setup"], result["methods"]
     lines = [f"# Robust overfitting on Fashion-MNIST ({s['preset']})", ""]
@@ -443,7 +603,10 @@ def render_markdown(result: dict) -> str:
                  f"ℓ∞ ε = {s['eps']:.3g}, PGD-{s['train_attack_steps']} (step {s['alpha']:.4g}) in training, "
                  f"{s['epochs']} epochs, lr {s['lr']} ÷10 at {s['milestones']}, batch {s['batch_size']} "
                  f"({s['steps_per_epoch']} steps/epoch), attack BatchNorm mode `{s['attack_bn_mode']}`. "
-                 f"*Best* = the epoch with the highest PGD-10 accuracy on the validation split; *final* = the last "
+                 f"*Best* = the epoch with the highest PGD-10 accuracy on the validation split"
+                 + ("" if s.get("val_selection", "pgd_ce") == "pgd_ce" else
+                    f" (PGD on the `{s['val_selection']}` loss, `eval.val_attack`; the checkpoint cross-entropy "
+                    "PGD-10 would pick is scored too, in the paired table)") + "; *final* = the last "
                  f"epoch. Clean and PGD-20 on the first {s['curve_n']} images of a fixed stratified test subset; "
                  f"AutoAttack {s['autoattack']} on the first **n = {s['autoattack_n']}** of them "
                  f"(standard error ≈ ±{100 * math.sqrt(0.25 / s['autoattack_n']):.1f} points at 50 %). "
@@ -511,6 +674,7 @@ def render_markdown(result: dict) -> str:
                              f"AutoAttack accuracy ({c['final']:.2f} vs {c['pgd_at_final']:.2f}{within}): the claim "
                              f"{verdict} here.")
         lines.append("")
+    lines += render_paired(result.get("paired", []), s)
     dec = {n: e["effective_decays"] for n, e in methods.items() if e.get("effective_decays")}
     notes = [f"Effective per-step EMA decays (paper decay ** ({s['reference_steps_per_epoch']} / "
              f"{s['steps_per_epoch']})): " + ", ".join(f"{n}: " + ", ".join(f"{k} {v:.4f}" for k, v in d.items())
@@ -562,7 +726,11 @@ def render_markdown(result: dict) -> str:
                  f"the {result['n_runs']} runs (one thread each, {s['jobs']} side by side" +
                  (f"; wall clock of the invocation that wrote this report: {result['wall_clock_min']:.0f} min, "
                   "runs reused from earlier invocations not included" if result.get("wall_clock_min") is not None
-                  else "") + f"); {result['machine']}.")
+                  else "") + f"); {result['machine']}." +
+                 (" Per run (train / AutoAttack, min): " + ", ".join(
+                     f"{k} {v['train']:.0f} / {v['autoattack']:.0f}" for k, v in result["compute_per_run_min"].items())
+                  + "." if result.get("compute_per_run_min") else "") +
+                 (f" Package commit {s['commit']}." if s.get("commit") else ""))
     lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
@@ -601,6 +769,20 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _commit() -> Optional[str]:
+    """The commit of the package the runs used (presets included), "+dirty" with local changes."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=20).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def machine_string() -> str:
     import torch
 
@@ -621,7 +803,8 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     from rb_labelrefine.config import load_config
 
     cfg = load_config(METHODS["pgd_at"], jobs[0]["overrides"] if jobs else [])
-    methods = aggregate(records, args.seeds, p["aa_n"])
+    multi = p.get("multi_seed", MULTI_SEED)
+    methods = aggregate(records, args.seeds, p["aa_n"], multi)
     spe = next((r["steps_per_epoch"] for r in records.values()), None)
     setup = {
         "preset": args.preset, "dataset": "fashion_mnist", "arch": cfg.model.arch,
@@ -629,14 +812,16 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
         "curve_n": p["curve_n"], "test_every": p["test_every"],
         "eps": cfg.attack.eps, "alpha": cfg.attack.alpha, "train_attack_steps": cfg.attack.steps,
         "attack_bn_mode": cfg.attack.bn_mode, "val_attack": "PGD-10", "test_attack": "PGD-20",
+        "val_selection": p.get("val_attack", "pgd_ce"),
         "epochs": p["epochs"], "milestones": p["milestones"], "lr": cfg.optim.lr, "batch_size": p["batch_size"],
         "steps_per_epoch": spe, "reference_steps_per_epoch": cfg.train.reference_steps_per_epoch,
         "autoattack": "standard (official; APGD-CE, APGD-T, FAB-T, Square)" if not p["aa_params"]
         else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
-        "autoattack_n": p["aa_n"], "seeds": args.seeds, "multi_seed_methods": list(MULTI_SEED),
+        "autoattack_n": p["aa_n"], "seeds": args.seeds, "multi_seed_methods": list(multi),
         "jobs": args.jobs, "threads_per_job": 1, "out": str(args.out),
         "presets": {n: METHODS[n] for n in methods}, "teacher_preset": NATURAL_PRESET,
         "overrides": [o for o in (jobs[0]["overrides"] if jobs else []) if not o.startswith("train.seed")],
+        "commit": _commit(),
     }
     result = {"setup": setup, "machine": machine_string(), "methods": methods,
               "natural_teacher": records.get(_key("natural", TEACHER_SEED), {}).get("final"),
@@ -646,8 +831,16 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
               # over several invocations (the wall clock above covers only this invocation)
               "compute_min": {"train": sum(r.get("wall_train_seconds") or 0 for r in records.values()) / 60,
                               "autoattack": sum(r.get("autoattack_seconds") or 0 for r in records.values()) / 60},
+              "compute_per_run_min": {k: {"train": (r.get("wall_train_seconds") or 0) / 60,
+                                          "autoattack": (r.get("autoattack_seconds") or 0) / 60}
+                                      for k, r in sorted(records.items())},
               "missing": list(missing)}
     result["claims"] = claims(methods, {"autoattack": p["aa_n"], "pgd20": p["curve_n"]})
+    result["paired"] = paired_claims(records, p["aa_n"])
+    # every checkpoint's per-point outcomes (0/1 strings over the first curve_n / aa_n test points)
+    result["per_point"] = {k: {w: {f: r[w][f] for f in ("clean_points", "pgd20_points", "autoattack_points")
+                                   if r[w].get(f) is not None} for w in _checkpoints(r)}
+                           for k, r in sorted(records.items())}
     results_dir.mkdir(parents=True, exist_ok=True)
     base = results_dir / f"robust_overfitting_{p['tag']}"
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", render_markdown(result))):

@@ -30,7 +30,20 @@ def test_robust_overfitting_smoke(tmp_path):
         assert rec["curve"]
     assert [c for c in res["claims"] if c["method"] == "adr" and c["metric"] == "autoattack"
             and c["final_diff_se"] > 0]
+    # per-point outcomes of every checkpoint, and paired CIs of ADR against its base (PGD-AT)
+    pp = res["per_point"]["adr_s0"]
+    assert set(pp) == {"best", "final", "best_pgd_ce"}    # smoke selects by margin PGD: both bests kept
+    assert len(pp["final"]["autoattack_points"]) == 16 and len(pp["final"]["pgd20_points"]) == 64
+    assert 100 * pp["final"]["autoattack_points"].count("1") / 16 == rec["final"]["autoattack"]
+    rows = [r for r in res["paired"] if r["method"] == "adr"]
+    assert {(r["metric"], r["selection"]) for r in rows} == {(m, s) for m in ("autoattack", "pgd20")
+                                                            for s in ("best", "best_pgd_ce")}
+    for r in rows:
+        assert r["base"] == "pgd_at" and r["seeds"] == [0]
+        assert r["final_diff"]["lo"] <= r["final_diff"]["diff"] <= r["final_diff"]["hi"]
+        assert r["halves_gap"] in ("yes", "no", "cannot tell")
     md = next((tmp_path / "results").glob("*.md")).read_text()
+    assert "**Paired differences to the base objective**" in md
     assert "Sanity: on the same 16 points, AutoAttack accuracy ≤ PGD-20 accuracy for 4 of 4 checkpoints" in md
     assert list((tmp_path / "results").glob("*.png"))
 

@@ -154,6 +154,9 @@ def test_autoattack_custom_on_a_tiny_model():
                          n_ex=15, batch_size=8)
     assert res["n"] == 15
     assert res["clean_acc"] == 100.0 and 0.0 <= res["robust_acc"] <= res["clean_acc"]
+    # per point, in data order: the robust accuracy is their mean (the paired comparisons' input)
+    assert len(res["robust_correct"]) == 15 and set(res["robust_correct"]) <= {0, 1}
+    assert 100.0 * sum(res["robust_correct"]) / 15 == res["robust_acc"]
     assert res["backend"] in ("pyautoattack", "autoattack") and res["backend_version"]
     assert set(res["per_attack"]) <= {"apgd-ce", "apgd-t"} and "apgd-ce" in res["per_attack"]
     assert res["per_attack"]["apgd-ce"] >= res["robust_acc"] - 1e-9

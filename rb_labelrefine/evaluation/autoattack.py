@@ -195,8 +195,8 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
     Returns a dict with ``clean_acc``/``robust_acc`` (percent, measured on the returned
     adversarial examples), ``n``, ``per_attack`` (robust accuracy after each attack, percent,
     as logged by AutoAttack), ``flags`` (AutoAttack's own warnings), ``max_perturbation`` and
-    ``perturbation_ok``, ``elapsed_s``, ``backend``/``backend_version``, the settings and
-    ``machine``.
+    ``perturbation_ok``, ``robust_correct`` (per point, 0/1, in data order), ``elapsed_s``,
+    ``backend``/``backend_version``, the settings and ``machine``.
     """
     attacks = list(attacks) if attacks else None
     _validate(norm, eps, version, attacks, x, y, n_ex, batch_size)
@@ -246,11 +246,13 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
                 for h in handlers:
                     aa_logger.removeHandler(h)
             with torch.no_grad():
-                clean_correct = robust_correct = 0
+                clean_mask, robust_mask = [], []
                 for i in range(0, len(x), batch_size):
                     xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-                    clean_correct += (model(xb).argmax(1) == yb).sum().item()
-                    robust_correct += (model(x_adv[i:i + batch_size].to(device)).argmax(1) == yb).sum().item()
+                    clean_mask.append((model(xb).argmax(1) == yb).cpu())
+                    robust_mask.append((model(x_adv[i:i + batch_size].to(device)).argmax(1) == yb).cpu())
+                clean_mask, robust_mask = torch.cat(clean_mask), torch.cat(robust_mask)
+                clean_correct, robust_correct = int(clean_mask.sum()), int(robust_mask.sum())
         elapsed = time.perf_counter() - start
         lines = list(capture.lines)
         flags = list(capture.flags)
@@ -278,6 +280,8 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
     result = {
         "clean_acc": 100.0 * clean_correct / n,
         "robust_acc": 100.0 * robust_correct / n,
+        # per point, in data order (1 = still correct on its adversarial example): paired comparisons
+        "robust_correct": [int(v) for v in robust_mask],
         "n": n,
         "norm": norm,
         "eps": float(eps),
