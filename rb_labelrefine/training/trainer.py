@@ -224,6 +224,7 @@ class Trainer:
         self._curves_skipped = False
         self.handle_signals = handle_signals
         self._stop_signal: Optional[int] = None
+        self.best_pgd_ce = {"epoch": -1, "score": -1.0}   # kept only when eval.val_attack is not pgd_ce
         self._finishing = False  # True once the last training step is done (final writes, AutoAttack)
         self._datasets = datasets
         self._step_bufs = None
