@@ -69,6 +69,12 @@ class DataConfig:
     # drop the partial last training batch (the ADR code: 390 steps per CIFAR-10 epoch); the
     # step count, the lr schedule, EMA decay scaling and resume all use the dropped count
     drop_last: bool = False
+    # generated auxiliary data (rb_labelrefine/data/aux.py): an uncompressed .npz with 'image'
+    # (uint8 N x H x W x C) and 'label' (N); aux_fraction of every training batch is drawn from it,
+    # stacked under the data.batch_size real images (ADR App. F: batch 1024, 75 % generated =
+    # batch_size 256, aux_fraction 0.75)
+    aux: Optional[str] = None
+    aux_fraction: float = 0.0
 
 
 @dataclass
@@ -383,6 +389,7 @@ def validate(cfg: Config) -> Config:
     if d.drop_last and d.train_subset is not None:
         _check(d.train_subset >= d.batch_size, "data.drop_last",
                f"drop_last with train_subset={d.train_subset} < batch_size={d.batch_size} leaves no training step")
+    _check(0.0 <= d.aux_fraction < 1.0, "data.aux_fraction", f"must be in [0, 1), got {d.aux_fraction}")
 
     _check(bool(cfg.model.arch), "model.arch", "must name an architecture")
 
@@ -475,6 +482,14 @@ def validate(cfg: Config) -> Config:
 def check_runnable(cfg: Config) -> Config:
     """Checks that only matter when a run starts (presets may leave teacher paths for the
     user to fill in with --set)."""
+    d = cfg.data
+    if d.aux is not None:
+        _check(Path(d.aux).is_file(), "data.aux", f"file not found: {d.aux}")
+        _check(d.aux_fraction > 0, "data.aux_fraction", "data.aux is set: give the share of each batch drawn "
+               "from it (e.g. 0.75, ADR App. F; 0.7, Wang et al. 2023)")
+    else:
+        _check(d.aux_fraction == 0, "data.aux", f"data.aux_fraction is {d.aux_fraction}: set data.aux to the .npz "
+               "of generated images (e.g. cifar10_ddpm.npz, see rb_labelrefine/data/aux.py)")
     cfg.method.check_runnable()
     return cfg
 

@@ -27,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..averaging import EMA
+from ..config import ConfigError
 from ..fast import teacher_forward
+from .adr_auto import AutoTauLambda, budget_points
 from .base import Rectifier, Target
 from .registry import BuildContext, MethodSettings, register_method
 
@@ -74,13 +76,15 @@ class ADR(Rectifier):
 
     ``teacher``: an existing :class:`~rb_labelrefine.averaging.EMA` to use as the teacher (e.g.
     the WA model when its decay is the same); by default ADR keeps its own EMA of ``model``.
+    ``auto``: fit tau and lambda on validation adversarial examples once per epoch instead of the
+    cosine schedules (``method.schedule: auto``, :mod:`~rb_labelrefine.rectifiers.adr_auto`).
     """
     name = "adr"
 
     def __init__(self, model: nn.Module, num_classes: int, total_steps: int, *, ema_decay: float = EMA_DECAY,
                  tau_high: float = _C10["tau_high"], tau_low: float = _C10["tau_low"],
                  lambda_low: float = _C10["lambda_low"], lambda_high: float = _C10["lambda_high"],
-                 teacher: Optional[EMA] = None):
+                 teacher: Optional[EMA] = None, auto: Optional[AutoTauLambda] = None):
         super().__init__(num_classes)
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -94,6 +98,7 @@ class ADR(Rectifier):
         self.lambda_low, self.lambda_high = float(lambda_low), float(lambda_high)
         self.owns_teacher = teacher is None
         self.teacher = teacher if teacher is not None else EMA(model, decay=ema_decay)
+        self.auto = auto
 
     @classmethod
     def for_dataset(cls, dataset: str, model: nn.Module, num_classes: int, total_steps: int, **kw) -> "ADR":
@@ -113,11 +118,28 @@ class ADR(Rectifier):
     # schedules indexed by the global step, as in the official code
     @property
     def temperature(self) -> float:
+        if self.auto is not None:
+            return self.auto.tau
         return cosine_schedule(self.step, self.total_steps, self.tau_high, self.tau_low)
 
     @property
     def interpolation(self) -> float:
+        if self.auto is not None:
+            return self.auto.lam
         return cosine_schedule(self.step, self.total_steps, self.lambda_low, self.lambda_high)
+
+    @property
+    def validation_points(self) -> int:
+        return self.auto.points if self.auto is not None else 0
+
+    def fit_validation(self, x, y, epoch: int) -> dict:
+        """End of epoch: refit tau/lambda (auto) and report the values the next steps use."""
+        rec = {}
+        if self.auto is not None:
+            rec = self.auto.fit(self.teacher.module, x, y, epoch)
+            rec.pop("epoch")
+        rec.update(adr_tau=self.temperature, adr_lambda=self.interpolation)
+        return rec
 
     def targets(self, x, y, *, index=None) -> Target:
         self._check_labels(y)
@@ -134,18 +156,24 @@ class ADR(Rectifier):
         sd = super().state_dict()
         if self.owns_teacher:
             sd["teacher"] = self.teacher.state_dict()
+        if self.auto is not None:
+            sd["auto"] = self.auto.state_dict()
         return sd
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if self.owns_teacher:
             self.teacher.load_state_dict(state["teacher"])
+        if self.auto is not None:
+            self.auto.load_state_dict(state["auto"])
 
     def to(self, device):
         self.teacher.to(device)
         return self
 
     def extra_repr(self):
+        if self.auto is not None:
+            return f"{self.auto!r}, ema_decay={self.teacher.decay}"
         return (f"tau={self.tau_high}->{self.tau_low}, lambda={self.lambda_low}->{self.lambda_high}, "
                 f"ema_decay={self.teacher.decay}, total_steps={self.total_steps}")
 
@@ -157,11 +185,23 @@ class ADRSettings(MethodSettings):
     tau_low: float = _C10["tau_low"]            # ... at the last step
     lambda_low: float = _C10["lambda_low"]      # interpolation at the first step (Eq. 4)
     lambda_high: float = _C10["lambda_high"]    # ... at the last step
+    # cosine: the schedules above (the paper); auto: tau and lambda fitted after every epoch on
+    # validation adversarial examples of the teacher (adr_auto.py), starting from tau_high, lambda_low
+    schedule: str = "cosine"
+    auto_points: Optional[int] = None   # validation images of the auto fit; None: ~2 % of an epoch (100..1000)
 
     def validate(self) -> None:
         self._unit("lambda_low", "lambda_high")
         self._positive("tau_high", "tau_low")
         self._check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        self._choice("schedule", ("cosine", "auto"))
+        self._check(self.auto_points is None or self.auto_points >= 1, "auto_points",
+                    f"must be >= 1, got {self.auto_points}")
+
+    def check_config(self, cfg) -> None:
+        if self.schedule == "auto" and cfg.data.val_fraction == 0:
+            raise ConfigError("data.val_fraction", "method.schedule=auto fits ADR's tau/lambda on the validation "
+                              "split: set data.val_fraction > 0")
 
 
 _BIBTEX = """@inproceedings{wu2024annealing,
@@ -185,4 +225,20 @@ def build_adr(s: ADRSettings, ctx: BuildContext) -> ADR:
     if ctx.shared_ema is not None and abs(ctx.shared_ema.decay - decay) < 1e-12:
         teacher = ctx.shared_ema  # WA with the same decay *is* ADR's teacher (one EMA, not two)
     return ADR(ctx.model, ctx.num_classes, ctx.total_steps, ema_decay=decay, tau_high=s.tau_high,
-               tau_low=s.tau_low, lambda_low=s.lambda_low, lambda_high=s.lambda_high, teacher=teacher)
+               tau_low=s.tau_low, lambda_low=s.lambda_low, lambda_high=s.lambda_high, teacher=teacher,
+               auto=_auto_fit(s, ctx))
+
+
+def _auto_fit(s: ADRSettings, ctx: BuildContext) -> Optional[AutoTauLambda]:
+    if s.schedule != "auto":
+        return None
+    cfg = ctx.config
+    if cfg is None:
+        raise ValueError("ADR schedule 'auto' needs the run config in BuildContext.config (attack, validation steps)")
+    a = cfg.attack
+    points = s.auto_points
+    if points is None:  # ~2 % of an epoch (auxiliary images included)
+        per_epoch = ctx.steps_per_epoch * cfg.data.batch_size / (1.0 - cfg.data.aux_fraction)
+        points = budget_points(per_epoch, a.steps, cfg.eval.val_attack_steps)
+    return AutoTauLambda(tau_init=s.tau_high, lambda_init=s.lambda_low, eps=a.eps, alpha=a.alpha,
+                         steps=cfg.eval.val_attack_steps, norm=a.norm, points=points, seed=cfg.train.seed)

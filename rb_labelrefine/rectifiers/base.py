@@ -127,6 +127,15 @@ class Rectifier:
         """Call at the end of every epoch."""
         self.epoch += 1
 
+    #: validation images (x, y) this rectifier wants at the end of every epoch (0: none)
+    validation_points = 0
+
+    def fit_validation(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict:
+        """End of epoch ``epoch`` (0-based): fit what the rectifier tunes on the first
+        ``validation_points`` validation images (ADR ``schedule: auto``); returns the values to log
+        in the epoch's history record."""
+        return {}
+
     def synchronize(self, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Distributed data parallel: after each step, make per-sample state identical on every
         rank.  ``all_gather(t)`` concatenates ``t`` -- one row per sample of this rank's batch of the

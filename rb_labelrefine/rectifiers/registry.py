@@ -40,6 +40,7 @@ class BuildContext:
     decay_scale: Callable[[float], float]   # per-step decay -> decay at this data set's steps/epoch
     load_teacher: Callable[[str, str], nn.Module]  # (path, field name) -> frozen model
     shared_ema: Optional[object] = None     # the WA EMA, offered for reuse as ADR's teacher
+    config: Optional[object] = None         # the whole run Config (attack radius, validation steps, seed)
 
 
 class MethodSettings:

@@ -303,6 +303,7 @@ class Trainer:
         # check the data against the model once, with clear messages, before hours of training
         x0, y0, i0 = next(iter(DataLoader(self.train_ds, batch_size=min(8, len(self.train_ds)))))
         _check_batch(x0, y0, i0, self.info.num_classes, "training data (first samples)")
+        self.aux = self._open_aux(tuple(x0.shape[1:])) if cfg.data.aux else None
 
         self.model = build_model_for(cfg, self.info).to(self.device)
         if cfg.train.channels_last:
@@ -328,10 +329,20 @@ class Trainer:
         if cfg.swa.enabled:
             start = cfg.swa.start_epoch if cfg.swa.start_epoch is not None else first_decay_epoch(cfg)
             self.swa = SWA(self.model, start_epoch=start)
-        ctx = BuildContext(model=self.model, num_classes=self.info.num_classes, num_samples=len(self.train_ds),
+        # per-sample state (SGLR) indexes auxiliary samples after the real ones: len(train) + archive index
+        n_samples = len(self.train_ds) + (len(self.aux.data) if self.aux is not None else 0)
+        ctx = BuildContext(model=self.model, num_classes=self.info.num_classes, num_samples=n_samples,
                            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                           decay_scale=self.decay_scale, load_teacher=self._load_teacher, shared_ema=self.wa)
+                           decay_scale=self.decay_scale, load_teacher=self._load_teacher, shared_ema=self.wa,
+                           config=cfg)
         self.rectifier = build_rectifier(cfg.method, ctx).to(self.device)
+        self._val_points = (None, None)
+        if self.rectifier.validation_points:  # fixed validation images the rectifier refits on per epoch
+            if not len(self.val_ds):
+                raise ConfigError("data.val_fraction", f"{cfg.method.name} fits its parameters on the validation "
+                                  "split (method.schedule=auto): set data.val_fraction > 0")
+            self._val_points = _stack(self.val_ds, self.rectifier.validation_points)
+            _check_batch(*self._val_points, None, self.info.num_classes, "validation data (rectifier fit)")
         a = cfg.attack
         atk_name = default_attack_name(cfg.objective.name) if a.name == "auto" else a.name
         attack = build_attack(atk_name, self.model, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
@@ -347,6 +358,27 @@ class Trainer:
         self.eval_loaders()
         # [fast paths / DDP hook] amp, channels_last, compile, DDP wrapping + sharded loader (rb_labelrefine/fast.py)
         self._fast = StepRuntime(self, self.dist)
+
+    def _open_aux(self, chw: tuple):
+        """The auxiliary stream (data.aux): seeded by train.seed, augmented as the real images."""
+        from ..data import CorruptDatasetError, DatasetNotFoundError, RandomCropFlip
+        from ..data.aux import open_aux
+
+        if self.dist.enabled:
+            raise ConfigError("data.aux", "auxiliary data is not supported under torchrun yet; train in one process")
+        c, h, w = chw
+        try:
+            return open_aux(self.cfg.data.aux, self.cfg.train.seed, num_classes=self.info.num_classes,
+                            image_shape=(h, w, c), transform=RandomCropFlip(padding=4) if self.cfg.data.augment else None)
+        except (CorruptDatasetError, DatasetNotFoundError) as exc:
+            raise ConfigError("data.aux", str(exc)) from None
+
+    def _with_aux(self, x, y, idx):
+        """Stack data.aux_fraction of auxiliary images under a real batch (the ADR code's aux_loader)."""
+        from ..data.aux import aux_count
+
+        xa, ya, ia = self.aux.draw(aux_count(len(y), self.cfg.data.aux_fraction))
+        return torch.cat([x, xa]), torch.cat([y, ya]), torch.cat([torch.as_tensor(idx), ia + len(self.train_ds)])
 
     def eval_loaders(self):
         bs, C = self.cfg.eval.batch_size, self.info.num_classes
@@ -405,6 +437,7 @@ class Trainer:
             "wa": self.wa.state_dict() if self.wa is not None else None,
             "swa": self.swa.state_dict() if self.swa is not None else None,
             "awp": self.awp.state_dict() if self.awp is not None else None,
+            "aux": self.aux.state_dict() if self.aux is not None else None,
             "rng": _rng_state(),
             "best": dict(self.best),
             "best_pgd_ce": dict(self.best_pgd_ce),
@@ -455,8 +488,8 @@ class Trainer:
                 _check_shapes(owner.state_dict(), state.get(name), f"{where}: '{name}'")
         loaders = [("model", self.model.load_state_dict), ("optimizer", self.optimizer.load_state_dict),
                    ("rectifier", self.rectifier.load_state_dict)]
-        loaders += [(n, o.load_state_dict) for n, o in (("wa", self.wa), ("swa", self.swa), ("awp", self.awp))
-                    if o is not None]
+        loaders += [(n, o.load_state_dict) for n, o in (("wa", self.wa), ("swa", self.swa), ("awp", self.awp),
+                                                        ("aux", self.aux)) if o is not None]
         if self._fast.scaler is not None and state.get("scaler"):
             loaders.append(("scaler", self._fast.scaler.load_state_dict))
         loaders.append(("rng", _set_rng_state))
@@ -675,6 +708,8 @@ class Trainer:
                 lr = lr_at(cfg, epoch, batch, self.steps_per_epoch)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                if self.aux is not None:
+                    x, y, idx = self._with_aux(x, y, idx)
                 _check_batch(x, y, idx, self.info.num_classes, f"training data (epoch {epoch + 1}, batch {batch + 1})")
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 try:
@@ -838,6 +873,7 @@ class Trainer:
                "train_loss": acc["loss"] / max(acc["seen"], 1),
                "train_robust_acc": 100.0 * acc["correct"] / max(acc["seen"], 1),
                "train_time_s": acc["time"], "eval_model": which}
+        rec.update(self.rectifier.fit_validation(*self._val_points, epoch))
         va = cfg.eval.val_attack
         if self.val_loader is not None:
             rec["val_clean"], rec["val_pgd"] = self._evaluate(model, self.val_loader, cfg.eval.val_attack_steps)
