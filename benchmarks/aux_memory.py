@@ -6,8 +6,9 @@ Writes an uncompressed ``.npz`` of ``n`` random uint8 32x32x3 images (3.07 GB fo
 the public ``cifar10_ddpm.npz`` / DM-Improves-AT ``1m.npz``) without holding it in memory, then,
 in a fresh process, opens it as the trainer does and draws ``batches`` augmented batches of
 ``aux-batch`` images from the stream.  It reports that process's peak resident set (VmHWM) and
-its resident memory split into private (RssAnon) and file-backed (RssFile: pages of the mapped
-file that were read, which the kernel can drop at any time), and deletes the file unless
+its resident memory split into private (RssAnon, also its peak over the draws) and file-backed
+(RssFile: pages of the mapped file mapped in -- read, or already in the page cache and mapped
+around a read -- which the kernel can drop at any time), and deletes the file unless
 ``--keep``.  Loading the file with ``np.load`` instead would need the whole 3 GB in private memory.
 """
 from __future__ import annotations
@@ -58,13 +59,15 @@ def measure(path: str, batches: int, aux_batch: int) -> dict:
     stream = open_aux(path, seed=0, num_classes=10, image_shape=SHAPE, transform=RandomCropFlip(padding=4))
     opened = _status()
     t_open = time.time() - t0
-    t0 = time.time()
+    t0, peak_anon = time.time(), 0.0
     for _ in range(batches):
         x, y, idx = stream.draw(aux_batch)
+        peak_anon = max(peak_anon, _status()["RssAnon_MB"])
     t_draw = (time.time() - t0) / batches
     return {"n": len(stream.data), "file_GB": Path(path).stat().st_size / 1e9, "batches": batches,
             "aux_batch": aux_batch, "open_s": round(t_open, 3), "draw_s_per_batch": round(t_draw, 4),
             "after_imports": before, "after_open": opened, "after_draws": _status(),
+            "peak_RssAnon_MB_during_draws": peak_anon,
             "images_type": type(stream.data.images).__name__}
 
 

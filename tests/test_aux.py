@@ -136,3 +136,23 @@ def test_compressed_file_is_refused_with_the_conversion_command_and_converts(tmp
     assert np.array_equal(np.asarray(data.images), arrays["image"])
     assert data.labels.tolist() == arrays["label"].tolist()
     assert not (tmp_path / "c_stored.npz.partial").exists()
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_reading_every_image_does_not_grow_the_resident_set_by_the_file(tmp_path):
+    n = 12000                                            # 12000 x 32x32x3 = 35 MB
+    path = tmp_path / "big.npz"
+    write_aux(path, n=n, shape=(32, 32, 3))
+    stream = AuxStream(AuxData(path), seed=0)
+    before = _rss_mb()
+    for _ in range(n // 256 + 1):                        # one full pass: every page of the file read
+        stream.draw(256)
+    assert stream.state_dict()["pass"] == 1
+    assert _rss_mb() - before < 12                       # vs 35 MB if the pages stayed mapped

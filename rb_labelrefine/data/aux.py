@@ -82,7 +82,8 @@ def npz_member_memmap(path: Union[str, Path], key: str) -> np.memmap:
     with zipfile.ZipFile(path) as zf:
         name = _member_name(zf, key)
         if name is None:
-            raise CorruptDatasetError(path, f"no array {key!r} (found {sorted(n[:-4] if n.endswith('.npy') else n for n in zf.namelist())})")
+            found = sorted(n[:-4] if n.endswith(".npy") else n for n in zf.namelist())
+            raise CorruptDatasetError(path, f"no array {key!r} (found {found})")
         info = zf.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
         raise CorruptDatasetError(
@@ -149,6 +150,7 @@ class AuxData:
             raise CorruptDatasetError(path, f"array 'image' must be channels-last (N x H x W x C, C = 1 or 3), got "
                                       f"shape {img.shape}")
         self.images = img
+        self._map = getattr(img, "_mmap", None)   # the mmap.mmap under the array (numpy keeps it on views)
         with zipfile.ZipFile(path) as zf:
             name = _member_name(zf, LABEL_KEY)
             if name is None:
@@ -183,6 +185,10 @@ class AuxData:
         order = np.argsort(indices, kind="stable")   # read the map front to back, then restore the order
         raw = np.empty((len(indices),) + self.images.shape[1:], dtype=np.uint8)
         raw[order] = self.images[indices[order]]
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            # Unmap the pages just read from this process (they stay in the kernel's page cache):
+            # otherwise the resident set grows towards the file size as a run touches every image.
+            self._map.madvise(mmap.MADV_DONTNEED)
         x = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div_(255)
         if self.transform is not None:
             x = torch.stack([self.transform(xi) for xi in x])

@@ -367,9 +367,10 @@ class Trainer:
         if self.dist.enabled:
             raise ConfigError("data.aux", "auxiliary data is not supported under torchrun yet; train in one process")
         c, h, w = chw
+        transform = RandomCropFlip(padding=4) if self.cfg.data.augment else None
         try:
             return open_aux(self.cfg.data.aux, self.cfg.train.seed, num_classes=self.info.num_classes,
-                            image_shape=(h, w, c), transform=RandomCropFlip(padding=4) if self.cfg.data.augment else None)
+                            image_shape=(h, w, c), transform=transform)
         except (CorruptDatasetError, DatasetNotFoundError) as exc:
             raise ConfigError("data.aux", str(exc)) from None
 
