@@ -55,6 +55,7 @@ METHODS = {
     "trades": "fmnist-trades",
     "label_smoothing": "fmnist-ls",
     "adr": "fmnist-adr",
+    "adr_auto": "fmnist-adr-auto",
     "adr_wa": "fmnist-adr-wa",
     "sglr": "fmnist-sglr",
     "kd_swa": "fmnist-kd-swa",
@@ -63,18 +64,20 @@ METHODS = {
     "wa": "fmnist-wa",
 }
 LABELS = {"pgd_at": "PGD-AT", "trades": "TRADES", "label_smoothing": "PGD-AT + LS", "adr": "PGD-AT + ADR",
+          "adr_auto": "PGD-AT + ADR (auto τ/λ)",
           "adr_wa": "PGD-AT + ADR + WA", "sglr": "PGD-AT + SGLR", "kd_swa": "PGD-AT + KD + SWA",
           "ltd": "TRADES + LTD", "awp": "PGD-AT + AWP", "wa": "PGD-AT + WA"}
-MULTI_SEED = ("pgd_at", "adr", "sglr", "kd_swa")   # reported as mean +- std over --seeds (a preset's
+MULTI_SEED = ("pgd_at", "adr", "adr_auto", "sglr", "kd_swa")   # mean +- std over --seeds (a preset's
 # "multi_seed" replaces it)
 # The base objective a method adds to: paired differences are taken to it (same points, same seeds).
-BASES = {"label_smoothing": "pgd_at", "adr": "pgd_at", "adr_wa": "pgd_at", "sglr": "pgd_at", "kd_swa": "pgd_at",
+BASES = {"label_smoothing": "pgd_at", "adr": "pgd_at", "adr_auto": "pgd_at", "adr_wa": "pgd_at", "sglr": "pgd_at",
+         "kd_swa": "pgd_at",
          "awp": "pgd_at", "wa": "pgd_at", "ltd": "trades"}
 CHECKPOINTS = ("best", "final", "best_pgd_ce")   # best_pgd_ce: what CE-PGD validation would pick
 # Priority: what matters most finishes first (a partial table is still useful).
 PRIORITY = ["pgd_at", "adr", "sglr", "natural", "kd_swa", "ltd", "trades", "label_smoothing", "adr_wa", "awp",
-            "wa"]
-CLAIM_METHODS = ("adr", "sglr", "kd_swa")
+            "wa", "adr_auto"]
+CLAIM_METHODS = ("adr", "adr_auto", "sglr", "kd_swa")
 NATURAL_PRESET = "fmnist-natural"
 TEACHER_SEED = 0   # the KD / LTD teachers are the seed-0 PGD-AT and natural runs, for every student seed
 
