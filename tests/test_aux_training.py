@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from _extras import need
+
+need("sklearn", "matplotlib", "torchattacks")   # digits, the curves, the training attack
+
 from rb_labelrefine.config import ConfigError, load_config
 from rb_labelrefine.data.aux import aux_count
 from rb_labelrefine.runs import RUN_FILES, read_weights
