@@ -129,7 +129,7 @@ def _key(method: str, seed: int) -> str:
     return f"{method}_s{seed}"
 
 
-def build_jobs(methods, seeds, p: dict, out: Path, data_root=None) -> list[dict]:
+def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoints=CHECKPOINTS) -> list[dict]:
     """The runs to do, in priority order, each with its dependencies (teacher runs)."""
     wanted = list(methods)
     multi = p.get("multi_seed", MULTI_SEED)
@@ -169,7 +169,7 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None) -> list[dict]
             ov += [f"method.teacher={out / deps[0]}"]
         jobs.append({"key": _key(m, s), "method": m, "seed": s, "preset": preset, "overrides": ov, "deps": deps,
                      "out_dir": str(out / _key(m, s)), "aa_n": p["aa_n"], "aa_params": p["aa_params"],
-                     "curve_n": p["curve_n"]})
+                     "curve_n": p["curve_n"], "aa_checkpoints": list(aa_checkpoints)})
     return jobs
 
 
@@ -245,7 +245,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
 
         from rb_labelrefine.data import build_datasets
 
-        todo = [w for w in _checkpoints(rec) if not (rec[w].get("autoattack") is not None
+        todo = [w for w in _checkpoints(rec) if w in job.get("aa_checkpoints", CHECKPOINTS) and not (rec[w].get("autoattack") is not None
                 and rec[w].get("autoattack_n") == job["aa_n"] and rec[w].get("pgd20_aa_points") is not None
                 and rec[w].get("autoattack_points") is not None)]
         if not todo:
@@ -354,7 +354,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
         "eval_model": summary.get("eval_model"), "attack_bn_mode": summary.get("attack_bn_mode"),
         "steps_per_epoch": summary.get("steps_per_epoch"),
         "train_seconds": summary.get("train_seconds"), "wall_train_seconds": round(t_train, 1),
-        "autoattack_seconds": None, "threads": torch.get_num_threads(),
+        "autoattack_seconds": None, "threads": torch.get_num_threads(), "commit": _commit(),
     }
     _write_record(rec_path, rec)
     logf.close()
@@ -722,6 +722,9 @@ def render_markdown(result: dict) -> str:
                      "final): " + ", ".join(f"{k} {b:.1f} / {f:.1f}" for k, (b, f) in beyond_ce.items()) +
                      ". Where this is large, PGD-20 (cross-entropy) and the PGD-10 validation that picks *best* "
                      "overstate robustness, so trust the AutoAttack columns.")
+    if s.get("preset") == "fmnist-long":
+        notes.append("Every regime tried before this one, with its PGD-AT gap: "
+                     "[robust_overfitting_regimes.md](robust_overfitting_regimes.md).")
     if result.get("missing"):
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
     c = result["compute_min"]
@@ -770,6 +773,12 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _train_s(r: dict) -> float:
+    """Training seconds of a run: the trainer's own clock when the run was trained elsewhere and
+    only scored here (then the wall time of this script's train task is just the scoring)."""
+    return max(r.get("wall_train_seconds") or 0, r.get("train_seconds") or 0)
 
 
 def _commit() -> Optional[str]:
@@ -832,9 +841,9 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
               "n_runs": len(records),
               # per-run compute (one thread each), summed: correct even when the runs were spread
               # over several invocations (the wall clock above covers only this invocation)
-              "compute_min": {"train": sum(r.get("wall_train_seconds") or 0 for r in records.values()) / 60,
+              "compute_min": {"train": sum(_train_s(r) for r in records.values()) / 60,
                               "autoattack": sum(r.get("autoattack_seconds") or 0 for r in records.values()) / 60},
-              "compute_per_run_min": {k: {"train": (r.get("wall_train_seconds") or 0) / 60,
+              "compute_per_run_min": {k: {"train": _train_s(r) / 60,
                                           "autoattack": (r.get("autoattack_seconds") or 0) / 60}
                                       for k, r in sorted(records.items())},
               "missing": list(missing)}
@@ -881,6 +890,9 @@ def main(argv=None) -> int:
     ap.add_argument("--aa-n", type=int, default=None,
                     help="AutoAttack on the first N images of the test subset (default: the preset's); "
                          "runs attacked with another N are attacked again")
+    ap.add_argument("--aa-checkpoints", nargs="+", choices=CHECKPOINTS, default=list(CHECKPOINTS),
+                    help="which checkpoints AutoAttack scores (default all; best_pgd_ce costs one more "
+                         "AutoAttack where CE validation picked another epoch)")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     if args.aa_n is not None:
@@ -903,7 +915,7 @@ def main(argv=None) -> int:
         print(f"error: Fashion-MNIST is needed for this benchmark and was not found.\n{exc}", file=sys.stderr)
         return 2
 
-    jobs = build_jobs(args.methods, args.seeds, p, args.out, args.data_root)
+    jobs = build_jobs(args.methods, args.seeds, p, args.out, args.data_root, args.aa_checkpoints)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"{len(jobs)} runs -> {args.out}; results -> {results_dir}", flush=True)
