@@ -245,9 +245,10 @@ def _run_job(job: dict, phase: str = "train") -> dict:
 
         from rb_labelrefine.data import build_datasets
 
-        todo = [w for w in _checkpoints(rec) if w in job.get("aa_checkpoints", CHECKPOINTS) and not (rec[w].get("autoattack") is not None
-                and rec[w].get("autoattack_n") == job["aa_n"] and rec[w].get("pgd20_aa_points") is not None
-                and rec[w].get("autoattack_points") is not None)]
+        # in the order asked for (--aa-checkpoints final best: the final number first)
+        todo = [w for w in job.get("aa_checkpoints", CHECKPOINTS) if w in rec and not (
+            rec[w].get("autoattack") is not None and rec[w].get("autoattack_n") == job["aa_n"]
+            and rec[w].get("pgd20_aa_points") is not None and rec[w].get("autoattack_points") is not None)]
         if not todo:
             rec["reused"] = True
             return rec
@@ -256,34 +257,38 @@ def _run_job(job: dict, phase: str = "train") -> dict:
                                        seed=d.seed, test_subset=d.test_subset)
         x, y = _stack(test, job["aa_n"])
         a = cfg.attack
-        aa_seconds = rec.get("autoattack_seconds") or 0.0
         for which in todo:
             if which == "best_pgd_ce" and rec[which].get("epoch") == rec["best"].get("epoch") \
                     and rec["best"].get("autoattack_points") is not None \
                     and rec["best"].get("autoattack_n") == job["aa_n"]:
                 # the same epoch's weights: CE validation picked the same checkpoint
+                rec = json.loads(rec_path.read_text())
                 rec[which].update({k: v for k, v in rec["best"].items() if k.startswith("autoattack")
                                    or k == "pgd20_aa_points"})
+                _write_record(rec_path, rec)
                 continue
             model, _, _ = load_run_model(out, which)
+            fields = {}
             # PGD-20 on exactly the AutoAttack points: the curve's PGD-20 uses more images, so only
             # this number can be compared with AutoAttack (which must not be above it: a sanity check).
-            rec[which]["pgd20_aa_points"] = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20,
-                                                         norm=a.norm, seed=0)
+            fields["pgd20_aa_points"] = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20,
+                                                     norm=a.norm, seed=0)
             t1 = time.time()
             kw = {"attack_params": job["aa_params"]} if job["aa_params"] else {}
             aa = run_autoattack(model, x, y, norm=a.norm, eps=a.eps, version="standard", n_ex=job["aa_n"],
                                 device="cpu", seed=0, **kw)
-            aa_seconds += time.time() - t1
             log(f"AutoAttack on {which}: clean {aa['clean_acc']:.2f} robust {aa['robust_acc']:.2f} (n={aa['n']}, "
                 f"{time.time() - t1:.0f}s)")
-            rec[which].update({"autoattack": aa["robust_acc"], "autoattack_clean": aa["clean_acc"],
-                               "autoattack_n": aa["n"], "autoattack_per_attack": aa.get("per_attack"),
-                               "autoattack_version": aa.get("version"), "autoattack_flags": aa.get("flags"),
-                               "autoattack_points": points_str(aa["robust_correct"])})
+            fields.update({"autoattack": aa["robust_acc"], "autoattack_clean": aa["clean_acc"],
+                           "autoattack_n": aa["n"], "autoattack_per_attack": aa.get("per_attack"),
+                           "autoattack_version": aa.get("version"), "autoattack_flags": aa.get("flags"),
+                           "autoattack_points": points_str(aa["robust_correct"])})
+            # re-read before writing: another invocation may have attacked another checkpoint of
+            # this run meanwhile (the checkpoints of one run can be attacked side by side)
+            rec = json.loads(rec_path.read_text())
+            rec[which].update(fields)
+            rec["autoattack_seconds"] = round((rec.get("autoattack_seconds") or 0.0) + time.time() - t1, 1)
             _write_record(rec_path, rec)   # one checkpoint's AutoAttack survives an interruption
-        rec["autoattack_seconds"] = round(aa_seconds, 1)
-        _write_record(rec_path, rec)
         logf.close()
         return rec
 
