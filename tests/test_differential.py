@@ -307,7 +307,8 @@ def test_adr_code_generated_data_run(tmp_path):
     """config/cifar10/preact-resnet18_pgd_awp_adr.gin without its DDPM data: lr 0.4, timm cosine
     with a 2.5-epoch warm-up from 1e-6, no weight decay on BatchNorm, SAM-style AWP."""
     preset, epochs = "cifar10-preactresnet18-pgdat-adr-wa-awp", 4
-    tr, init, batches = package_run(preset, epochs, tmp_path)
+    # the data override: the transcription trains on the real batches only (no DDPM file here)
+    tr, init, batches = package_run(preset, epochs, tmp_path, extra=("data.aux_fraction=0",))
     x, y, _ = _data()
     n = N // BATCH
     ref, ema = ref_adr_code(fresh_model(tr, init), x, y, batches, epochs=epochs, n=n, obj="pgd", awp=True,

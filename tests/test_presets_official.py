@@ -84,7 +84,7 @@ def adr_code_run(gin: str) -> dict:
         v.update({"optim.schedule": "cosine", "optim.warmup_epochs": 2.5, "optim.warmup_start_lr": 1e-6,
                   "optim.lr_lag_steps": 1, "optim.bn_weight_decay": False, "model.arch": "dm_preact_resnet18",
                   "model.kwargs": {"activation": "swish"},  # create_model.py: DeepMind's PreAct, swish
-                  "data.batch_size": 256})  # App. F: 1024 per batch, 75 % generated
+                  "data.batch_size": 256, "data.aux_fraction": 0.75})  # App. F: 1024 per batch, 75 % generated
     else:
         v.update({"optim.schedule": "multistep", "optim.milestones": ms, "optim.gamma": 0.1,
                   "optim.lr_lag_steps": 0, "optim.warmup_epochs": 0.0, "data.batch_size": 128})
@@ -251,4 +251,22 @@ def test_description_names_the_source():
         assert any(s in d for s in ("yuyuwu5/ADR", "yaodongyu/TRADES", "csdongxian/AWP", "locuslab/robust_overfitting",
                                     "Alleviate-Robust-Overfitting", "devicerxx/SGLS", "App. A.2, no public code")), name
     gen = load_config("cifar10-preactresnet18-pgdat-adr-awp").description
-    assert "not yet wired" in gen and "DDPM" in gen
+    assert "--set data.aux=PATH" in gen and "cifar10_ddpm.npz" in gen
+
+
+def test_generated_data_presets_need_the_aux_file(tmp_path):
+    """The PreAct generated-data runs stack DDPM images under each batch: without the user's file
+    they refuse to start, naming data.aux; with it they are runnable."""
+    import numpy as np
+    from rb_labelrefine.config import ConfigError, apply_overrides, check_runnable, config_from_dict, load_raw
+
+    for name in ("cifar10-preactresnet18-pgdat-adr-awp", "cifar100-preactresnet18-pgdat-awp"):
+        cfg = load_config(name)
+        assert cfg.data.aux_fraction == 0.75 and cfg.data.batch_size == 256
+        with pytest.raises(ConfigError) as err:
+            check_runnable(cfg)
+        assert err.value.field == "data.aux"
+    path = tmp_path / "ddpm.npz"
+    np.savez(path, image=np.zeros((4, 32, 32, 3), np.uint8), label=np.zeros(4, np.int64))
+    cfg = config_from_dict(apply_overrides(load_raw("cifar10-preactresnet18-pgdat-adr-awp"), [f"data.aux={path}"]))
+    check_runnable(cfg)

@@ -109,6 +109,7 @@ def adr_code(ds: str, arch: str, obj: str, opt: str, adr: bool) -> dict:
         body["optim"] = dict(lr=0.4, schedule="cosine", warmup_epochs=2.5, warmup_start_lr=1e-6, lr_lag_steps=1,
                              bn_weight_decay=False)
         body["data"]["batch_size"] = 256
+        body["data"]["aux_fraction"] = 0.75   # 768 generated images under each 256 real ones; data.aux: the user's file
         # its preact-resnet18 is DeepMind's form (3x3 convolution shortcuts, "SAME" padding)
         body["model"] = dict(arch="dm_preact_resnet18", kwargs=dict(activation="swish"))
     else:
@@ -229,8 +230,11 @@ def _adr_family(ds: str, arch: str, obj: str, adr: bool, awp: bool, wa: bool):
     else:
         desc = (f"{what}: the ADR code has no config for {arch}; its {path} (yuyuwu5/ADR) protocol on {arch}")
     if src == "preactresnet18":
-        desc += (" -- the generated-data run (DDPM data, aux batch 768 of 1024) WITHOUT its generated "
-                 "data: the data.aux option is not yet wired, this trains on the real data only")
+        desc += (" -- the generated-data run: 768 DDPM images stacked under each 256 real ones "
+                 "(data.aux_fraction 0.75); give the 1M DDPM file with --set data.aux=PATH "
+                 f"({'cifar100' if ds == 'cifar100' else 'cifar10'}_ddpm.npz, see rb_labelrefine/data/aux.py; "
+                 "not set: the run refuses to start). Not reproduced: the code's BatchNorm momentum 1.0 then "
+                 "0.01 with extra data, and its aux loader replaying the first pass's batches")
     if awp:
         desc += "; SAM-style AWP of the ADR code (src/util/awp.py)"
     if wa:
