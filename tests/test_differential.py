@@ -321,6 +321,19 @@ def test_adr_code_generated_data_run(tmp_path):
 
 # ----------------------------------------------------------------------------- TRADES code
 
+def ref_trades_attack(model, xn, kl_sum, eps, step_size):
+    """trades.py ``trades_loss``'s inner maximisation (the TRADES-AWP code has the same loop): start
+    at x + 0.001 N(0, 1) unclamped, 10 signed steps on the summed KL to the clean prediction."""
+    adv = xn.detach() + 0.001 * torch.randn(xn.shape).detach()
+    for _ in range(10):
+        adv.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = kl_sum(F.log_softmax(model(adv), dim=1), F.softmax(model(xn), dim=1))
+        g = torch.autograd.grad(loss_kl, [adv])[0]
+        adv = adv.detach() + step_size * torch.sign(g.detach())
+        adv = torch.clamp(torch.min(torch.max(adv, xn - eps), xn + eps), 0.0, 1.0)
+    return adv
+
 def ref_trades_code(model, x, y, batches, *, eps=0.031, step_size=0.007, beta=6.0):
     """yaodongyu/TRADES train_trades_cifar10.py + trades.py ``trades_loss`` (lr constant over the
     few epochs: its decays are at the 1-based epochs 75/90/100)."""
@@ -332,14 +345,7 @@ def ref_trades_code(model, x, y, batches, *, eps=0.031, step_size=0.007, beta=6.
         xn, t = x[idx], y[idx]
         opt.zero_grad()
         model.eval()
-        adv = xn.detach() + 0.001 * torch.randn(xn.shape).detach()
-        for _ in range(10):
-            adv.requires_grad_()
-            with torch.enable_grad():
-                loss_kl = kl_sum(F.log_softmax(model(adv), dim=1), F.softmax(model(xn), dim=1))
-            g = torch.autograd.grad(loss_kl, [adv])[0]
-            adv = adv.detach() + step_size * torch.sign(g.detach())
-            adv = torch.clamp(torch.min(torch.max(adv, xn - eps), xn + eps), 0.0, 1.0)
+        adv = ref_trades_attack(model, xn, kl_sum, eps, step_size)
         model.train()
         adv = torch.clamp(adv, 0.0, 1.0).detach()
         opt.zero_grad()
@@ -609,14 +615,7 @@ def ref_trades_awp_code(model, x, y, batches, *, awp_warmup, gamma=0.005, beta=6
         epoch = epoch0 + 1
         xn, t = x[idx], y[idx]
         model.eval()  # perturb_input
-        adv = xn.detach() + 0.001 * torch.randn(xn.shape).detach()
-        for _ in range(10):
-            adv.requires_grad_()
-            with torch.enable_grad():
-                loss_kl = kl_sum(F.log_softmax(model(adv), dim=1), F.softmax(model(xn), dim=1))
-            g = torch.autograd.grad(loss_kl, [adv])[0]
-            adv = adv.detach() + step_size * torch.sign(g.detach())
-            adv = torch.clamp(torch.min(torch.max(adv, xn - eps), xn + eps), 0.0, 1.0)
+        adv = ref_trades_attack(model, xn, kl_sum, eps, step_size)
         model.train()
         diff = None
         if epoch >= awp_warmup:  # TradesAWP.calc_awp, then perturb
