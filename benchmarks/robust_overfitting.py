@@ -966,8 +966,9 @@ def main(argv=None) -> int:
                   f"{b['pgd20']:.1f} | final clean {f['clean']:.1f} pgd20 {f['pgd20']:.1f} | "
                   f"{rec['wall_train_seconds']:.0f}s" + (" (reused)" if rec.get("reused") else ""), flush=True)
         else:
-            print(f"[{elapsed():5.1f} min] AutoAttack {j['key']}: best {b['autoattack']:.1f} final "
-                  f"{f['autoattack']:.1f} (n={b['autoattack_n']}, {rec.get('autoattack_seconds') or 0:.0f}s)"
+            aa = lambda d: "–" if d.get("autoattack") is None else f"{d['autoattack']:.1f}"  # noqa: E731
+            print(f"[{elapsed():5.1f} min] AutoAttack {j['key']}: best {aa(b)} final {aa(f)} "
+                  f"(n={b.get('autoattack_n') or f.get('autoattack_n')}, {rec.get('autoattack_seconds') or 0:.0f}s)"
                   + (" (reused)" if rec.get("reused") else ""), flush=True)
 
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
