@@ -17,6 +17,7 @@ import torch
 
 from rb_labelrefine.runs import RUN_FILES, read_weights
 from rb_labelrefine.training.io import safe_torch_load
+from _compare import same_state
 
 SETS = ["data.name=synthetic", "data.batch_size=32", "data.val_fraction=0.125", "data.train_subset=160",
         "model.arch=mlp", "attack.eps=0.1", "attack.alpha=0.05", "attack.steps=2", "attack.random_start=false",
@@ -104,22 +105,7 @@ def _assert_same_run(run, ref):
     assert _no_times(h[0]) == _no_times(h[1])
     ca, cb = safe_torch_load(run / RUN_FILES["checkpoint"]), safe_torch_load(ref / RUN_FILES["checkpoint"])
     for part in ("model", "optimizer", "wa", "rectifier", "rng", "epoch", "batch", "global_step"):
-        _same(ca[part], cb[part], part)
-
-
-def _same(a, b, path):
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            _same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
+        same_state(ca[part], cb[part], part)
 
 
 def test_sigterm_to_one_rank_mid_epoch_stops_both_at_the_same_step(ddp):

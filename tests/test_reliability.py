@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _compare import same_state
 from _extras import need
 
 need("sklearn", "matplotlib", "torchattacks")
@@ -308,21 +309,6 @@ def _assert_same_weights(a: Path, b: Path):
     assert sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _same(a, b, path="") -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            _same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 def _no_times(history):
     return [{k: v for k, v in r.items() if k != "train_time_s"} for r in history]
 
@@ -337,9 +323,9 @@ def _assert_same_run(run: Path, ref: Path):
         if key == "history":
             assert _no_times(json.loads(a[key])) == _no_times(json.loads(b[key]))
         elif key == "epoch_acc":
-            _same({k: v for k, v in a[key].items() if k != "time"}, {k: v for k, v in b[key].items() if k != "time"})
+            same_state({k: v for k, v in a[key].items() if k != "time"}, {k: v for k, v in b[key].items() if k != "time"})
         else:
-            _same(a[key], b[key], key)
+            same_state(a[key], b[key], key)
     sa, sb = (json.loads((d / RUN_FILES["summary"]).read_text()) for d in (run, ref))
     for key in ("best_epoch", "best", "final", "eval_model", "effective_decays"):
         assert sa[key] == sb[key], key
