@@ -648,7 +648,7 @@ def render_markdown(result: dict) -> str:
                     f" (PGD on the `{s['val_selection']}` loss, `eval.val_attack`; the checkpoint cross-entropy "
                     "PGD-10 would pick is scored too, in the paired table)") + "; *final* = the last "
                  f"epoch. Clean and PGD-20 on the first {s['curve_n']} images of a fixed stratified test subset; "
-                 f"AutoAttack {s['autoattack']} on the first **n = {s['autoattack_n']}** of them "
+                 f"AA columns: {s['autoattack']}, on the first **n = {s['autoattack_n']}** of them "
                  f"(standard error ≈ ±{100 * math.sqrt(0.25 / s['autoattack_n']):.1f} points at 50 %). "
                  f"Methods marked (k seeds) show mean ± std over seeds {s['seeds']}; the others are seed "
                  f"{s['seeds'][0]} only. Diff = final − best (negative: robust overfitting). All numbers in %.")
@@ -755,7 +755,9 @@ def render_markdown(result: dict) -> str:
             beyond_ce[e["label"]] = tuple(sum(v) / len(v) for v in (vals["best"], vals["final"]))
     if beyond_ce:
         notes.append("What the cross-entropy attacks miss: accuracy after APGD-CE minus the final AutoAttack "
-                     "accuracy (points removed by APGD-T/FAB-T/Square, i.e. by the DLR-loss targeted attack; best / "
+                     "accuracy (points removed by the later stages -- APGD-T" +
+                     ("" if s.get("aa_suite") == "apgd" else "/FAB-T/Square") +
+                     ", i.e. mostly by the DLR-loss targeted attack; best / "
                      "final): " + ", ".join(f"{k} {b:.1f} / {f:.1f}" for k, (b, f) in beyond_ce.items()) +
                      ". Where this is large, PGD-20 (cross-entropy) and the PGD-10 validation that picks *best* "
                      "overstate robustness, so trust the AutoAttack columns.")
@@ -864,6 +866,7 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
         "val_selection": p.get("val_attack", "pgd_ce"),
         "epochs": p["epochs"], "milestones": p["milestones"], "lr": cfg.optim.lr, "batch_size": p["batch_size"],
         "steps_per_epoch": spe, "reference_steps_per_epoch": cfg.train.reference_steps_per_epoch,
+        "aa_suite": p.get("aa_suite", "standard"),
         "autoattack": AA_SUITES[p.get("aa_suite", "standard")] if not p["aa_params"]
         else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
         "autoattack_n": p["aa_n"], "seeds": args.seeds, "multi_seed_methods": list(multi),
