@@ -11,6 +11,8 @@ Table 1 (Wu et al. 2024): best / final / difference.
     python benchmarks/robust_overfitting.py --preset fmnist-long    # issue 13: 200 epochs, 3 seeds, paired CIs
     python benchmarks/robust_overfitting.py --preset smoke      # everything, 2 epochs, ~1 minute
     python benchmarks/robust_overfitting.py --report-only --out DIR   # rebuild the table from finished runs
+    python benchmarks/robust_overfitting.py --preset fmnist-long --device cuda --jobs 16   # one GPU (results
+           tagged _gpu, beside the CPU ones); robust_overfitting_gpu.py wraps this for a 10-minute slot
 
 The committed table (``fmnist-small``: 15 runs, AutoAttack on 300 points) costs ~110 min of
 training and ~115 min of AutoAttack, one thread each: about two hours on two cores.
@@ -139,12 +141,16 @@ def _key(method: str, seed: int) -> str:
 
 
 def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoints=CHECKPOINTS,
-               order: str = "seed") -> list[dict]:
+               order: str = "seed", device: str = "cpu") -> list[dict]:
     """The runs to do, in priority order, each with its dependencies (teacher runs).
 
     ``order="seed"``: the first seed of every method (by PRIORITY), then the further seeds;
     ``order="method"``: every seed of a method before the next, methods in the order given
-    (the teachers go just before the first method that needs them)."""
+    (the teachers go just before the first method that needs them).
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``): where training, PGD and AutoAttack run.  Off the CPU
+    the runs also get ``train.device`` and ``train.deterministic=true`` overrides, so a GPU run's
+    record never passes for a CPU one (the CPU overrides are unchanged: earlier runs are reused)."""
     wanted = list(methods)
     multi = p.get("multi_seed", MULTI_SEED)
     need = []   # (method, seed)
@@ -179,6 +185,8 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoint
         common.append(f"eval.val_attack={p['val_attack']}")
     if data_root:
         common.append(f"data.root={data_root}")
+    if device != "cpu":   # deterministic cuDNN / cuBLAS (the trainer sets CUBLAS_WORKSPACE_CONFIG)
+        common += [f"train.device={device}", "train.deterministic=true"]
     jobs = []
     for m, s in need:
         preset = NATURAL_PRESET if m == "natural" else METHODS[m]
@@ -193,7 +201,7 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoint
         jobs.append({"key": _key(m, s), "method": m, "seed": s, "preset": preset, "overrides": ov, "deps": deps,
                      "out_dir": str(out / _key(m, s)), "aa_n": p["aa_n"], "aa_params": p["aa_params"],
                      "aa_suite": p.get("aa_suite", "standard"),
-                     "curve_n": p["curve_n"], "aa_checkpoints": list(aa_checkpoints)})
+                     "curve_n": p["curve_n"], "aa_checkpoints": list(aa_checkpoints), "device": device})
     return jobs
 
 
@@ -226,8 +234,10 @@ def _score_points(model, x, y, a) -> dict:
     from rb_labelrefine.evaluation.pgd import pgd_correct
     from paired_stats import points_str
 
+    dev = next(model.parameters()).device
+    x, y = x.to(dev), y.to(dev)
     with torch.no_grad():
-        clean = torch.cat([model(x[i:i + 256]).argmax(1) == y[i:i + 256] for i in range(0, len(y), 256)])
+        clean = torch.cat([model(x[i:i + 256]).argmax(1) == y[i:i + 256] for i in range(0, len(y), 256)]).cpu()
     pgd = pgd_correct(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20, norm=a.norm, seed=0)
     return {"clean": 100.0 * clean.float().mean().item(), "pgd20": 100.0 * pgd.float().mean().item(),
             "clean_points": points_str(clean), "pgd20_points": points_str(pgd)}
@@ -238,7 +248,11 @@ def _run_job(job: dict, phase: str = "train") -> dict:
     weights with clean accuracy and PGD-20.  ``phase="aa"``: add AutoAttack on both."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)   # one thread per process on the GPU too (the processes share the cores)
+    dev = job.get("device", "cpu")
+    if dev != "cpu":   # before the first cuBLAS call of this worker (the AA phase builds no Trainer)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     from rb_labelrefine.config import load_config
     from rb_labelrefine.evaluation.autoattack import run_autoattack
     from rb_labelrefine.evaluation.pgd import pgd_accuracy
@@ -249,6 +263,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
     rec_path = out / "benchmark_record.json"
     cfg = load_config(job["preset"], job["overrides"])
     cfg.name = job["key"]
+    cfg.train.device = dev   # not "auto": --device cpu stays on the CPU where a GPU is present
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "train.log", "a")
 
@@ -293,8 +308,8 @@ def _run_job(job: dict, phase: str = "train") -> dict:
                                    or k == "pgd20_aa_points"})
                 _write_record(rec_path, rec)
                 continue
-            model, _, _ = load_run_model(out, which)
-            fields = {}
+            model, _, _ = load_run_model(out, which, device=dev)
+            fields = {"autoattack_device": dev}
             # PGD-20 on exactly the AutoAttack points: the curve's PGD-20 uses more images, so only
             # this number can be compared with AutoAttack (which must not be above it: a sanity check).
             fields["pgd20_aa_points"] = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20,
@@ -307,7 +322,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
                       "attack_params": {"apgd.n_restarts": 1, **(job["aa_params"] or {})}}
             else:
                 kw["version"] = "standard"
-            aa = run_autoattack(model, x, y, norm=a.norm, eps=a.eps, n_ex=job["aa_n"], device="cpu", seed=0, **kw)
+            aa = run_autoattack(model, x, y, norm=a.norm, eps=a.eps, n_ex=job["aa_n"], device=dev, seed=0, **kw)
             log(f"AutoAttack on {which}: clean {aa['clean_acc']:.2f} robust {aa['robust_acc']:.2f} (n={aa['n']}, "
                 f"{time.time() - t1:.0f}s)")
             fields.update({"autoattack": aa["robust_acc"], "autoattack_clean": aa["clean_acc"],
@@ -333,7 +348,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
         x, y = _stack(trainer.test_ds, job["curve_n"])
         summary = json.loads((out / RUN_FILES["summary"]).read_text())
         for which in _checkpoints(out):
-            model, _, _ = load_run_model(out, which)
+            model, _, _ = load_run_model(out, which, device=dev)
             rec.setdefault(which, {"autoattack": None, "autoattack_n": None})
             rec[which].update(_score_points(model, x, y, cfg.attack))
         if "best_pgd_ce" in rec:
@@ -359,7 +374,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
     a = cfg.attack
     scores = {}
     for which in _checkpoints(out):
-        model, _, _ = load_run_model(out, which)
+        model, _, _ = load_run_model(out, which, device=dev)
         scores[which] = {**_score_points(model, x, y, a), "autoattack": None, "autoattack_n": None}
         log(f"{which}: clean {scores[which]['clean']:.2f} pgd20 {scores[which]['pgd20']:.2f} on {len(y)} test images")
     scores["best"]["epoch"] = summary["best_epoch"]
@@ -391,7 +406,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
         "eval_model": summary.get("eval_model"), "attack_bn_mode": summary.get("attack_bn_mode"),
         "steps_per_epoch": summary.get("steps_per_epoch"),
         "train_seconds": summary.get("train_seconds"), "wall_train_seconds": round(t_train, 1),
-        "autoattack_seconds": None, "threads": torch.get_num_threads(), "commit": _commit(),
+        "autoattack_seconds": None, "threads": torch.get_num_threads(), "commit": _commit(), "device": dev,
     }
     _write_record(rec_path, rec)
     logf.close()
@@ -764,6 +779,9 @@ def render_markdown(result: dict) -> str:
     if s.get("preset") == "fmnist-long":
         notes.append("Every regime tried before this one, with its PGD-AT gap: "
                      "[robust_overfitting_regimes.md](robust_overfitting_regimes.md).")
+    if s.get("device", "cpu") != "cpu":
+        notes.append(f"Device: {s['device']} -- {result['machine']}. The same table on the CPU is in the file "
+                     "without `_gpu`; GPU and CPU runs do not reproduce each other bit for bit.")
     if result.get("missing"):
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
     c = result["compute_min"]
@@ -834,7 +852,8 @@ def _commit() -> Optional[str]:
     return (head + ("+dirty" if dirty else "")) or None
 
 
-def machine_string() -> str:
+def machine_string(device: str = "cpu") -> str:
+    """The machine; with a CUDA ``device`` the GPU by name (torch.cuda.get_device_name)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -846,7 +865,14 @@ def machine_string() -> str:
                     break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} CPU cores (shared with other work; timings are noisy), no GPU, "
+    if device != "cpu":
+        d = torch.device(device)
+        return (f"GPU {torch.cuda.get_device_name(d)} "
+                f"({torch.cuda.get_device_properties(d).total_memory / 2 ** 30:.0f} GiB, device {device}, all runs "
+                f"as processes on this one GPU), {cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+                f"(CUDA {torch.version.cuda}), Python {platform.python_version()}")
+    gpu = "no GPU" if not torch.cuda.is_available() else "GPU present but not used"
+    return (f"{cpu}, {os.cpu_count()} CPU cores (shared with other work; timings are noisy), {gpu}, "
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
@@ -854,6 +880,7 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     from rb_labelrefine.config import load_config
 
     cfg = load_config(METHODS["pgd_at"], jobs[0]["overrides"] if jobs else [])
+    device = getattr(args, "device", "cpu")
     multi = p.get("multi_seed", MULTI_SEED)
     methods = aggregate(records, args.seeds, p["aa_n"], multi)
     spe = next((r["steps_per_epoch"] for r in records.values()), None)
@@ -870,12 +897,12 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
         "autoattack": AA_SUITES[p.get("aa_suite", "standard")] if not p["aa_params"]
         else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
         "autoattack_n": p["aa_n"], "seeds": args.seeds, "multi_seed_methods": list(multi),
-        "jobs": args.jobs, "threads_per_job": 1, "out": str(args.out),
+        "jobs": args.jobs, "threads_per_job": 1, "out": str(args.out), "device": device,
         "presets": {n: METHODS[n] for n in methods}, "teacher_preset": NATURAL_PRESET,
         "overrides": [o for o in (jobs[0]["overrides"] if jobs else []) if not o.startswith("train.seed")],
         "commit": _commit(),
     }
-    result = {"setup": setup, "machine": machine_string(), "methods": methods,
+    result = {"setup": setup, "machine": machine_string(device), "methods": methods,
               "natural_teacher": records.get(_key("natural", TEACHER_SEED), {}).get("final"),
               "wall_clock_min": (time.time() - t_start) / 60 if t_start is not None else None,
               "n_runs": len(records),
@@ -908,6 +935,23 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
 
 # ----------------------------------------------------------------------------- main
 
+def check_device(device: str) -> Optional[str]:
+    """Why ``device`` cannot run the benchmark (``None``: it can): cpu, cuda or cuda:N only."""
+    import re
+
+    if re.fullmatch(r"cpu|cuda(:\d+)?", device) is None:
+        return "must be cpu, cuda or cuda:N"
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine (torch.cuda.is_available() is False)"
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -937,15 +981,25 @@ def main(argv=None) -> int:
                     help="seed: the first seed of every method first (default); method: all seeds of a "
                          "method before the next one, in the order of --methods")
     ap.add_argument("--train-only", action="store_true", help="train and score with PGD-20; no AutoAttack")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: training, PGD and AutoAttack "
+                    "run there; off the CPU the results are tagged _gpu (robust_overfitting_<tag>_gpu.*) and the "
+                    "runs go to <preset>-gpu, beside the CPU ones")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
+    err = check_device(args.device)
+    if err:
+        print(f"error: --device {args.device}: {err}", file=sys.stderr)
+        return 2
+    if args.device != "cpu":
+        p["tag"] += "_gpu"
     if args.aa_n is not None:
         if not 1 <= args.aa_n <= p["test_subset"]:
             ap.error(f"--aa-n must be between 1 and the preset's test subset ({p['test_subset']}), got {args.aa_n}")
         p["aa_n"] = args.aa_n
     args.jobs = args.jobs or p["jobs"]
     args.seeds = args.seeds or p["seeds"]
-    args.out = (args.out or Path("runs") / "robust_overfitting" / args.preset).resolve()
+    args.out = (args.out or Path("runs") / "robust_overfitting" /
+                (args.preset + ("-gpu" if args.device != "cpu" else ""))).resolve()
     results_dir = args.results_dir or (REPO / "benchmarks" / "results" if args.preset != "smoke" else args.out)
 
     sys.path.insert(0, str(REPO))
@@ -959,7 +1013,8 @@ def main(argv=None) -> int:
         print(f"error: Fashion-MNIST is needed for this benchmark and was not found.\n{exc}", file=sys.stderr)
         return 2
 
-    jobs = build_jobs(args.methods, args.seeds, p, args.out, args.data_root, args.aa_checkpoints, args.order)
+    jobs = build_jobs(args.methods, args.seeds, p, args.out, args.data_root, args.aa_checkpoints, args.order,
+                      args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"{len(jobs)} runs -> {args.out}; results -> {results_dir}", flush=True)
