@@ -10,7 +10,8 @@ def plot_curves(histories: dict, path, title: str = "") -> Path:
     """``histories``: {label: [epoch records with test_clean / test_pgd / val_pgd]} -> PNG.
 
     Records with ADR's ``adr_tau`` / ``adr_lambda`` (the values the next epoch uses; fitted ones
-    with ``method.schedule: auto``) add a third panel with both."""
+    with ``method.schedule: auto``, held between fits; dots mark the epochs that refitted) add a
+    third panel with both."""
     from ._optional import require
 
     matplotlib = require("matplotlib", "plot", "the training-curve plot")
@@ -35,6 +36,11 @@ def plot_curves(histories: dict, path, title: str = "") -> Path:
                          label=f"{label} tau")
             axes[2].plot(aep, [r["adr_lambda"] for r in hist if "adr_tau" in r], color=line.get_color(),
                          linestyle="--", label=f"{label} lambda")
+            fit = [r for r in hist if r.get("adr_auto_fit")]   # schedule=auto: the epochs that refitted
+            if fit and len(fit) < len(aep):
+                for k in ("adr_tau", "adr_lambda"):
+                    axes[2].plot([r["epoch"] for r in fit], [r[k] for r in fit], "o", color=line.get_color(),
+                                 markersize=3, label=f"{label} fitted" if k == "adr_tau" else None)
     axes[0].set_title("clean accuracy (test subset)")
     axes[1].set_title("robust accuracy (PGD)")
     if adr:

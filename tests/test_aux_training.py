@@ -20,7 +20,7 @@ from rb_labelrefine.config import ConfigError, load_config
 from rb_labelrefine.data.aux import aux_count
 from rb_labelrefine.runs import RUN_FILES, read_weights
 from rb_labelrefine.training.io import safe_torch_load
-from rb_labelrefine.training.trainer import Trainer, TrainingInterrupted
+from rb_labelrefine.training.trainer import ResumeError, Trainer, TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 N_AUX = 150
@@ -110,7 +110,7 @@ def test_bad_aux_settings_name_the_field(tmp_path, aux_npz):
         assert not (tmp_path / d / RUN_FILES["checkpoint"]).exists()
 
 
-AUTO_AUX = ["method.schedule=auto", "method.auto_points=50", "data.augment=true"]
+AUTO_AUX = ["method.schedule=auto", "method.auto_points=50", "method.auto_every=1", "data.augment=true"]
 
 
 def test_adr_auto_with_aux_resumes_bit_exactly_after_a_mid_epoch_stop(tmp_path, aux_npz, monkeypatch):
@@ -136,6 +136,39 @@ def test_adr_auto_with_aux_resumes_bit_exactly_after_a_mid_epoch_stop(tmp_path, 
     for r in hist:   # logged per epoch: the fitted values and what they came from
         assert {"adr_tau", "adr_lambda", "adr_teacher_val_pgd", "adr_auto_points", "adr_auto_s"} <= set(r)
         assert r["adr_auto_points"] == 50 and r["adr_lambda"] == pytest.approx(r["adr_teacher_val_pgd"] / 100)
+
+
+def test_adr_auto_resumes_bit_exactly_across_a_fit_interval(tmp_path, aux_npz, monkeypatch):
+    """Fits after epochs 2 and 4 (auto_every=2), held values in between; stopped in epoch 3."""
+    extra = ["method.schedule=auto", "method.auto_points=50", "method.auto_every=2", "train.epochs=4"]
+    cfg = load_config("digits-adr", _sets(aux_npz, 0.5, extra))
+    Trainer(cfg, tmp_path / "ref", progress=False).fit()
+    orig = Trainer.train_step
+
+    def train_step(self, *a, **k):
+        out = orig(self, *a, **k)
+        if self.global_step == 15:     # epoch 3, batch 3 of 6: after the first fit, before the second
+            self._stop_signal = signal.SIGTERM
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(TrainingInterrupted):
+        Trainer(cfg, tmp_path / "run", progress=False).fit()
+    ck = safe_torch_load(tmp_path / "run" / RUN_FILES["checkpoint"])
+    assert (ck["epoch"], ck["batch"]) == (2, 3)
+    assert ck["rectifier"]["auto"]["every"] == 2 and [f["epoch"] for f in ck["rectifier"]["auto"]["fits"]] == [2]
+    monkeypatch.setattr(Trainer, "train_step", orig)
+    Trainer(cfg, tmp_path / "run", resume=True, progress=False).fit()
+    hist = _same_run(tmp_path / "run", tmp_path / "ref")
+    assert [r["adr_auto_fit"] for r in hist] == [False, True, False, True]
+    assert (hist[0]["adr_tau"], hist[0]["adr_lambda"]) == (cfg.method.tau_high, cfg.method.lambda_low)
+    assert "adr_teacher_val_pgd" not in hist[0] and hist[0]["adr_auto_s"] == 0.0
+    for k in ("adr_tau", "adr_lambda", "adr_teacher_val_pgd"):   # epoch 3 logs the values held from epoch 2
+        assert hist[2][k] == hist[1][k]
+    assert hist[1]["adr_tau"] != hist[3]["adr_tau"] or hist[1]["adr_lambda"] != hist[3]["adr_lambda"]
+    with pytest.raises(ResumeError, match=r"method.auto_every: 2 -> 3"):   # a resume under another interval
+        Trainer(load_config("digits-adr", _sets(aux_npz, 0.5, extra + ["method.auto_every=3"])),
+                tmp_path / "run", resume=True, progress=False).fit()
 
 
 def test_kill9_of_a_cli_run_with_aux_then_resume_is_bit_exact(tmp_path, aux_npz):

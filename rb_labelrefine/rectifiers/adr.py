@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..averaging import EMA
 from ..config import ConfigError
 from ..fast import teacher_forward
-from .adr_auto import AutoTauLambda, budget_points
+from .adr_auto import AutoTauLambda, budget_points, fit_every
 from .base import Rectifier, Target
 from .registry import BuildContext, MethodSettings, register_method
 
@@ -76,8 +76,8 @@ class ADR(Rectifier):
 
     ``teacher``: an existing :class:`~rb_labelrefine.averaging.EMA` to use as the teacher (e.g.
     the WA model when its decay is the same); by default ADR keeps its own EMA of ``model``.
-    ``auto``: fit tau and lambda on validation adversarial examples once per epoch instead of the
-    cosine schedules (``method.schedule: auto``, :mod:`~rb_labelrefine.rectifiers.adr_auto`).
+    ``auto``: fit tau and lambda on validation adversarial examples every ``auto.every`` epochs
+    instead of the cosine schedules (``method.schedule: auto``, :mod:`~rb_labelrefine.rectifiers.adr_auto`).
     """
     name = "adr"
 
@@ -133,10 +133,10 @@ class ADR(Rectifier):
         return self.auto.points if self.auto is not None else 0
 
     def fit_validation(self, x, y, epoch: int) -> dict:
-        """End of epoch: refit tau/lambda (auto) and report the values the next steps use."""
+        """End of epoch: refit tau/lambda (auto, on fit epochs) and report the values the next steps use."""
         rec = {}
         if self.auto is not None:
-            rec = self.auto.fit(self.teacher.module, x, y, epoch)
+            rec = self.auto.end_of_epoch(self.teacher.module, x, y, epoch)
             rec.pop("epoch")
         rec.update(adr_tau=self.temperature, adr_lambda=self.interpolation)
         return rec
@@ -185,10 +185,12 @@ class ADRSettings(MethodSettings):
     tau_low: float = _C10["tau_low"]            # ... at the last step
     lambda_low: float = _C10["lambda_low"]      # interpolation at the first step (Eq. 4)
     lambda_high: float = _C10["lambda_high"]    # ... at the last step
-    # cosine: the schedules above (the paper); auto: tau and lambda fitted after every epoch on
+    # cosine: the schedules above (the paper); auto: tau and lambda fitted every auto_every epochs on
     # validation adversarial examples of the teacher (adr_auto.py), starting from tau_high, lambda_low
     schedule: str = "cosine"
-    auto_points: Optional[int] = None   # validation images of the auto fit; None: ~2 % of an epoch (100..1000)
+    auto_points: Optional[int] = None   # validation images of the auto fit; None: ~auto_share of an epoch (100..1000)
+    auto_share: float = 0.02            # the fits' budget, a share of the training compute (auto_points, auto_every)
+    auto_every: Optional[int] = None    # epochs between fits (held in between); None: the fewest within auto_share
 
     def validate(self) -> None:
         self._unit("lambda_low", "lambda_high")
@@ -197,6 +199,9 @@ class ADRSettings(MethodSettings):
         self._choice("schedule", ("cosine", "auto"))
         self._check(self.auto_points is None or self.auto_points >= 1, "auto_points",
                     f"must be >= 1, got {self.auto_points}")
+        self._check(0.0 < self.auto_share <= 1.0, "auto_share", f"must be in (0, 1], got {self.auto_share}")
+        self._check(self.auto_every is None or self.auto_every >= 1, "auto_every",
+                    f"must be >= 1 (epochs between fits), got {self.auto_every}")
 
     def check_config(self, cfg) -> None:
         if self.schedule == "auto" and cfg.data.val_fraction == 0:
@@ -236,9 +241,24 @@ def _auto_fit(s: ADRSettings, ctx: BuildContext) -> Optional[AutoTauLambda]:
     if cfg is None:
         raise ValueError("ADR schedule 'auto' needs the run config in BuildContext.config (attack, validation steps)")
     a = cfg.attack
+    per_epoch = auto_samples_per_epoch(ctx)
     points = s.auto_points
-    if points is None:  # ~2 % of an epoch (auxiliary images included)
-        per_epoch = ctx.steps_per_epoch * cfg.data.batch_size / (1.0 - cfg.data.aux_fraction)
-        points = budget_points(per_epoch, a.steps, cfg.eval.val_attack_steps)
+    if points is None:  # ~auto_share of an epoch, at least the 100 points a useful fit needs
+        points = budget_points(per_epoch, a.steps, cfg.eval.val_attack_steps, share=s.auto_share)
+    every = s.auto_every
+    if every is None:   # the fewest epochs between fits that keep them within auto_share (adr_auto.py)
+        every = fit_every(per_epoch, a.steps, cfg.eval.val_attack_steps, points, share=s.auto_share)
     return AutoTauLambda(tau_init=s.tau_high, lambda_init=s.lambda_low, eps=a.eps, alpha=a.alpha,
-                         steps=cfg.eval.val_attack_steps, norm=a.norm, points=points, seed=cfg.train.seed)
+                         steps=cfg.eval.val_attack_steps, norm=a.norm, points=points, seed=cfg.train.seed,
+                         every=every)
+
+
+def auto_samples_per_epoch(ctx: BuildContext) -> float:
+    """Samples an epoch trains on: steps x batch, auxiliary images included (each real batch carries
+    aux_fraction generated ones); without them, at most the training split (a partial last batch)."""
+    cfg = ctx.config
+    f = cfg.data.aux_fraction
+    per_epoch = ctx.steps_per_epoch * cfg.data.batch_size / (1.0 - f)
+    if f == 0 and not cfg.data.drop_last and ctx.num_samples:
+        per_epoch = min(per_epoch, float(ctx.num_samples))
+    return per_epoch

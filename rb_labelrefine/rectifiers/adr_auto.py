@@ -3,7 +3,8 @@
 The paper hand-tunes tau_high->tau_low and lambda_low->lambda_high per data set (Sec. 5.1, App. J:
 "the optimal parameters for each dataset vary").  Its argument for both is calibration: robust
 models are well calibrated (Sec. 3.2), and the rectified label should be as confident as the
-robust model can honestly be.  So, once per epoch, on ``points`` fixed validation images:
+robust model can honestly be.  So, after every ``every``-th epoch (below: the cost budget), on
+``points`` fixed validation images:
 
 * attack the EMA teacher with PGD-k (its own white-box adversarial examples, eval mode, random
   starts from a generator seeded by (seed, epoch) -- deterministic, no global RNG drawn);
@@ -20,9 +21,37 @@ robust model can honestly be.  So, once per epoch, on ``points`` fixed validatio
   class strictly the most likely in every rectified label: with lambda < 1, Eq. 4-5 give
   ``P[y] - P[j] >= 1 - lambda > 0`` for every j != y.
 
-The fitted values hold for the next epoch's steps; before the first fit the configured
-starting values (tau_high, lambda_low) are used.  The state (current values and every epoch's
-fit) is part of the rectifier's ``state_dict``, so a resumed run continues identically.
+**How often: a fit every ``every`` epochs, held in between (the cost budget).**  The issue's
+budget is ``share`` (``method.auto_share``, default 2 %) of training compute.  A fit on fewer
+than ~100 points is statistically useless (the robust accuracy's standard error
+``sqrt(p(1-p)/n)`` reaches 5 points at n = 100, p = 0.5), and on small data sets 100 points cost
+far more than 2 % of an epoch (Fashion-MNIST, 500 training images, PGD-10 in training and
+validation: 100 x 10.3 passes against 500 x 11.3, 18 %; measured 16 %,
+benchmarks/adr_auto_cost.py).  Of the ways to pay less:
+
+* **refit every m epochs** (chosen) -- ``every`` = ceil(cost of one fit / (share x cost of one
+  epoch)), from the same pass counts as :func:`budget_points` (:func:`fit_every`), so it is a
+  function of the config alone (deterministic, the same on resume).  Fits happen after the epochs
+  e (1-based) with e % every == 0: after any E epochs, floor(E / every) <= E / every fits have
+  run, so the fits cost at most ``share`` of the training so far *by construction*, for every
+  prefix of the run, not only on average.  ADR's own schedules are cosines over the whole run
+  (tau 2.5 -> 2.0, lambda 0.7 -> 0.95 on CIFAR-10, Sec. 5.1): they move by at most ~5 % per
+  tenth of training, so a value held for ``every`` epochs (10 on fmnist-adr-auto, a twelfth of its 120
+  epochs) is faithful to the paper's slowly annealed targets.  Every fit keeps its full ``points``
+  and PGD-k, so each fitted value has the statistical quality of a per-epoch fit.
+* warm-started adversarial examples kept across epochs (fewer PGD steps per fit) -- rejected:
+  the teacher moves between epochs, so a warm start from its previous adversarial examples is
+  a different, history-dependent attack whose strength drifts over the run; lambda would then
+  measure the attack's age as much as the teacher's robustness.
+* reusing the trainer's validation PGD -- only possible when the evaluated model is the teacher
+  (``eval.model: ema`` with WA sharing ADR's decay); on fmnist-adr-auto it is the raw student,
+  so it would not remove the cost where the issue measures it.
+
+Between fits, and before the first one, the held values are used (before the first fit: the
+configured starting values tau_high, lambda_low -- the paper's first-step values); the history
+logs the held values every epoch and marks fitted epochs with ``adr_auto_fit``.  The state
+(current values, the interval and every fit) is part of the rectifier's ``state_dict``, so a
+resumed run continues identically across a fit interval.
 """
 from __future__ import annotations
 
@@ -34,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["fit_temperature", "budget_points", "AutoTauLambda", "TAU_MIN", "TAU_MAX", "LAMBDA_MAX"]
+__all__ = ["fit_temperature", "budget_points", "fit_every", "AutoTauLambda", "TAU_MIN", "TAU_MAX", "LAMBDA_MAX"]
 
 TAU_MIN, TAU_MAX = 0.1, 10.0
 LAMBDA_MAX = 0.99
@@ -52,6 +81,21 @@ def budget_points(samples_per_epoch: float, train_steps: int, val_steps: int, sh
     per_sample = train_steps + 1 + 1 / 3
     per_point = val_steps + 1 / 3
     return int(min(max(round(share * samples_per_epoch * per_sample / per_point), lo), hi))
+
+
+def fit_every(samples_per_epoch: float, train_steps: int, val_steps: int, points: int,
+              share: float = 0.02) -> int:
+    """Epochs between fits so that fitting ``points`` validation points with PGD-``val_steps`` costs
+    at most ``share`` of training: ceil(fit cost / (share x epoch cost)), with the pass counts of
+    :func:`budget_points`.  With fits after the epochs that are multiples of it, any prefix of E
+    epochs holds floor(E / every) fits, whose cost is <= share x E epochs."""
+    if samples_per_epoch <= 0 or points < 1 or not 0 < share:
+        raise ValueError(f"need samples_per_epoch > 0, points >= 1, share > 0; got {samples_per_epoch}, "
+                         f"{points}, {share}")
+    epoch_cost = samples_per_epoch * (train_steps + 1 + 1 / 3)
+    fit_cost = points * (val_steps + 1 / 3)
+    # the 1e-9 keeps an exact ratio (e.g. 9.0 computed as 9.000000000000002) from rounding up
+    return max(1, math.ceil(fit_cost / (share * epoch_cost) - 1e-9))
 
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float:
@@ -85,16 +129,37 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, tau_min: float =
 
 
 class AutoTauLambda:
-    """Per-epoch fit of ADR's temperature and interpolation on validation adversarial examples."""
+    """Fit of ADR's temperature and interpolation on validation adversarial examples, after every
+    ``every``-th epoch (:meth:`end_of_epoch`), the values held in between."""
 
     def __init__(self, *, tau_init: float, lambda_init: float, eps: float, alpha: float, steps: int,
-                 norm: str = "Linf", points: int = 512, seed: int = 0):
+                 norm: str = "Linf", points: int = 512, seed: int = 0, every: int = 1):
         if points < 1:
             raise ValueError(f"points must be >= 1, got {points}")
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
         self.tau, self.lam = float(tau_init), float(lambda_init)
         self.eps, self.alpha, self.steps, self.norm = float(eps), float(alpha), int(steps), norm
-        self.points, self.seed = int(points), int(seed)
+        self.points, self.seed, self.every = int(points), int(seed), int(every)
         self.fits: list = []
+
+    def due(self, epoch: int) -> bool:
+        """Whether the fit runs after (0-based) ``epoch``: the 1-based epoch is a multiple of ``every``."""
+        return (int(epoch) + 1) % self.every == 0
+
+    def end_of_epoch(self, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int,
+                     batch_size: int = 256) -> dict:
+        """Fit if :meth:`due`, else hold; the record to log (``adr_auto_fit`` says which)."""
+        if self.due(epoch):
+            rec = self.fit(teacher, x, y, epoch, batch_size)
+        else:
+            rec = {"epoch": int(epoch) + 1, "adr_tau": self.tau, "adr_lambda": self.lam,
+                   "adr_auto_points": self.points, "adr_auto_s": 0.0}
+            if self.fits:   # what the held values came from
+                rec["adr_teacher_val_pgd"] = self.fits[-1]["adr_teacher_val_pgd"]
+        rec["adr_auto_fit"] = self.due(epoch)
+        rec["adr_auto_every"] = self.every
+        return rec
 
     def fit(self, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int, batch_size: int = 256) -> dict:
         """Attack ``teacher`` on (x, y), refit tau and lambda; returns the record to log."""
@@ -123,12 +188,17 @@ class AutoTauLambda:
         return rec
 
     def state_dict(self) -> dict:
-        return {"tau": self.tau, "lambda": self.lam, "fits": [dict(f) for f in self.fits]}
+        return {"tau": self.tau, "lambda": self.lam, "every": self.every, "fits": [dict(f) for f in self.fits]}
 
     def load_state_dict(self, state: dict) -> None:
+        every = int(state.get("every", 1))   # checkpoints from before the interval fitted every epoch
+        if every != self.every:
+            raise ValueError(f"the checkpoint fits ADR's tau/lambda every {every} epoch(s), this run every "
+                             f"{self.every} (method.auto_every / method.auto_share changed): resume with the "
+                             "run's own config")
         self.tau, self.lam = float(state["tau"]), float(state["lambda"])
         self.fits = [dict(f) for f in state["fits"]]
 
     def __repr__(self) -> str:
-        return (f"AutoTauLambda(points={self.points}, PGD-{self.steps}, tau={self.tau:.4g}, "
+        return (f"AutoTauLambda(points={self.points}, PGD-{self.steps}, every={self.every}, tau={self.tau:.4g}, "
                 f"lambda={self.lam:.4g})")
