@@ -79,3 +79,28 @@ def test_robust_overfitting_table_never_mixes_autoattack_sample_sizes():
     out = ro._aa_at_n(rec, 300)
     assert out["best"] == {"pgd20": 54.0, "clean": 77.0}
     assert out["final"] == rec["final"] and rec["best"] == old  # the input is not modified
+
+
+def test_robust_overfitting_more_points_serve_a_smaller_table_with_their_first_points():
+    """A checkpoint attacked on 8 points with its per-point outcomes kept serves a table at n = 4:
+    AutoAttack and PGD-20-on-the-AA-points recomputed from the first 4 outcomes, the per-stage
+    numbers (unknown for the subset) dropped; without per-point outcomes it is dropped instead,
+    and the AutoAttack phase does not redo it (``_covers``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robust_overfitting", ROOT / "benchmarks" / "robust_overfitting.py")
+    ro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ro)
+    big = {"autoattack": 50.0, "autoattack_n": 8, "autoattack_points": "11010000",
+           "autoattack_per_attack": {"apgd-ce": 62.5, "apgd-t": 50.0}, "pgd20_aa_points": 62.5,
+           "pgd20_points": "1111000011", "pgd20": 60.0, "clean": 80.0}
+    rec = {"best": dict(big), "final": {k: v for k, v in big.items() if k != "autoattack_points"}}
+    out = ro._aa_at_n(rec, 4)
+    b = out["best"]
+    assert b["autoattack"] == 75.0 and b["autoattack_points"] == "1101" and b["autoattack_n"] == 4
+    assert b["pgd20_aa_points"] == 100.0 and b["autoattack_first_of"] == 8 and b["autoattack_all"] == 50.0
+    assert "autoattack_per_attack" not in b and b["pgd20"] == 60.0
+    assert "autoattack" not in out["final"] and out["final"]["pgd20"] == 60.0
+    assert ro._covers(big, 4) and ro._covers(big, 8) and not ro._covers(big, 9)
+    assert not ro._covers(rec["final"], 4)
+    assert rec["best"] == big   # the input is not modified
