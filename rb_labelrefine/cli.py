@@ -33,6 +33,10 @@ class UsageError(ValueError):
     """A bad command-line argument (exit code 2)."""
 
 
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _err(msg: str) -> None:
     print(f"rb-labelrefine: error: {msg}", file=sys.stderr, flush=True)
 
@@ -105,7 +109,7 @@ def _load_for_eval(path: str, which: str):
         if which is None:
             raise UsageError(f"--checkpoint: {p.name} is not best.safetensors/final.safetensors of a run directory")
         p = p.parent
-    return (*load_run_model(p, which), p, which)
+    return (*load_run_model(p, which, log=_note), p, which)
 
 
 def cmd_eval(args) -> int:
@@ -220,7 +224,7 @@ def cmd_export(args) -> int:
         autoattack = {args.which: autoattack}
     written = export_run(p, args.out, name=args.name, which=args.which, threat_model=args.threat_model,
                          autoattack=autoattack, sanity=sanity, additional_data=args.extra_data,
-                         dataset=args.dataset, overwrite=args.overwrite)
+                         dataset=args.dataset, overwrite=args.overwrite, log=_note)
     for k, v in written.items():
         print(f"{k:14s} {v}")
     return EXIT_OK

@@ -16,7 +16,9 @@ safetensors metadata.
 A run's files prove they belong together: ``checkpoint.pt`` and both weight files carry the
 :func:`config_fingerprint` of the resolved config (the fields allowed to differ on resume left
 out) and the package version, and :func:`check_fingerprint` compares them with ``config.yaml``
-on resume, eval and export, naming the fields that differ.
+on resume, eval and export, naming the fields that differ.  A field added to the config by a
+later version (at its default, which keeps the old behaviour) does not make an older run's files
+foreign: see :func:`check_fingerprint` for the rule.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import torch
 __all__ = ["RUN_FILES", "load_run_config", "load_run_model", "build_model_for", "read_weights",
            "write_weights", "info_from_metadata", "info_to_metadata", "check_name", "load_state_checked",
            "NAME_RE", "NAME_MAX", "RESUMABLE_DIFFERENCES", "flatten_config",
-           "config_fingerprint", "fingerprint_metadata", "check_fingerprint", "check_run_weights"]
+           "config_fingerprint", "fingerprint_metadata", "check_fingerprint", "check_run_weights",
+           "added_later_note"]
 
 # Model and data-set names become file names, path components, model-zoo keys and Python string
 # literals in generated code, so one strict pattern covers them all, wherever they come from
@@ -93,34 +96,86 @@ def fingerprint_metadata(cfg) -> dict:
             "rb_labelrefine": __version__}
 
 
-def check_fingerprint(cfg, stored: dict, what: str, *, require: bool = True) -> None:
+def _default_fields(cfg) -> dict:
+    """The fingerprinted fields of a freshly built config for ``cfg``'s method: every field at
+    its default (the dataclass defaults of :class:`~rb_labelrefine.config.Config` and of the
+    method's own settings, ``rb_labelrefine/rectifiers/<method>.py``)."""
+    from .config import Config, parse_method
+
+    return _fingerprinted_fields(Config(method=parse_method({"name": cfg.method.name})))
+
+
+def _as_json(fields: dict) -> dict:
+    """``fields`` as they read back from a stored ``run_config`` (tuples as lists, ...)."""
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def check_fingerprint(cfg, stored: dict, what: str, *, require: bool = True) -> list:
     """Refuse (``ValueError``) a file whose stored fingerprint is not ``cfg``'s, naming the fields
     that differ (``stored`` is a checkpoint dict or a weights file's metadata).  A file without a
-    fingerprint (written before files carried one) is refused only when ``require``."""
+    fingerprint (written before files carried one) is refused only when ``require``.
+
+    A file written by an older rb_labelrefine, before a config field existed, has a different
+    fingerprint although nothing about its run differs (new fields come with a default that keeps
+    the old behaviour).  So when the fingerprints differ, the stored ``run_config`` is compared
+    with ``cfg`` field by field: a field absent from the stored config whose value in ``cfg`` is
+    that field's default (of a freshly built config for the same method) was *added later with its
+    default* and is accepted.  Anything else is refused, naming the fields: a different value, a
+    stored field that ``cfg`` no longer has, a field absent from the file at a non-default value
+    (or a stored ``run_config`` that is not the one its fingerprint was computed from).
+
+    Returns the sorted names of the fields accepted as added later (empty when the fingerprints
+    match or the file has none), for the caller to report.
+    """
     fp = stored.get("config_fingerprint") if isinstance(stored, dict) else None
     if fp is None:
         if require:
             raise ValueError(f"{what} carries no run fingerprint, so nothing proves it belongs to this run "
                              "(written by hand or by an older rb_labelrefine); start a new run")
-        return
+        return []
     if fp == config_fingerprint(cfg):
-        return
-    mine = _fingerprinted_fields(cfg)
+        return []
+    mine = _as_json(_fingerprinted_fields(cfg))
+    text = stored.get("run_config")
     try:
-        theirs = json.loads(stored.get("run_config") or "{}")
-    except (TypeError, ValueError):
+        theirs = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
         theirs = {}
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)) if theirs else []
+    if not isinstance(theirs, dict):
+        theirs = {}
+    # the stored config is the one the fingerprint was computed from (not edited since)
+    genuine = bool(theirs) and hashlib.sha256(text.encode()).hexdigest()[:16] == fp
+    missing = object()  # a field absent on one side differs even from a None on the other
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k, missing) != theirs.get(k, missing)) if theirs else []
+    if genuine and diff:  # (a run_config edited after its fingerprint was computed proves nothing)
+        defaults = _as_json(_default_fields(cfg))
+        added = [k for k in diff if k not in theirs and k in defaults and mine[k] == defaults[k]]
+        if len(added) == len(diff):
+            return added
+        diff = [k for k in diff if k not in added]
+    diff.sort(key=lambda k: (k not in mine or k not in theirs, k))  # changed values first: the telling ones
     shown = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine.get(k)!r} in config.yaml" for k in diff[:6])
     more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
     raise ValueError(f"{what} belongs to another run ({shown or 'its config fingerprint differs'}{more}); "
                      "it was not used and nothing was changed")
 
 
-def check_run_weights(run_dir, cfg, meta: dict, which: str) -> None:
+def added_later_note(what: str, added: list) -> str:
+    """The one-line note of :func:`check_fingerprint` accepting fields added after ``what`` was written."""
+    return (f"note: {what} was written before {', '.join(added)} existed; accepted: "
+            f"{'its value is' if len(added) == 1 else 'their values are'} the default")
+
+
+def check_run_weights(run_dir, cfg, meta: dict, which: str, log=None) -> list:
     """For export and eval: ``meta`` (of ``run_dir``'s ``which`` weights) belongs to the run whose
-    resolved config is ``cfg``.  Weights written before files carried a fingerprint pass."""
-    check_fingerprint(cfg, meta, str(Path(run_dir) / RUN_FILES[which]), require=False)
+    resolved config is ``cfg``.  Weights written before files carried a fingerprint pass.  Returns
+    the fields accepted as added later (:func:`check_fingerprint`), also reported to ``log`` (a
+    callable taking one line) when given."""
+    where = str(Path(run_dir) / RUN_FILES[which])
+    added = check_fingerprint(cfg, meta, where, require=False)
+    if added and log is not None:
+        log(added_later_note(where, added))
+    return added
 
 
 def load_run_config(run_dir):
@@ -268,12 +323,14 @@ def info_to_metadata(info) -> str:
                        "source": getattr(info, "source", "")})
 
 
-def load_run_model(run_dir, which: str = "best", device="cpu"):
+def load_run_model(run_dir, which: str = "best", device="cpu", log=None):
     """Rebuild the model of a run and load its ``best`` or ``final`` weights (or ``best_pgd_ce``:
     the checkpoint cross-entropy PGD would have selected, kept when ``eval.val_attack`` is another
     attack).
 
-    Returns ``(model, cfg, info)``; the model is in eval mode and takes [0, 1] inputs.
+    Returns ``(model, cfg, info)``; the model is in eval mode and takes [0, 1] inputs.  ``log``
+    (a callable taking one line) is told of config fields accepted as added after the weights
+    were written (:func:`check_fingerprint`).
     """
     if which not in ("best", "final", "best_pgd_ce"):
         raise ValueError(f"which must be 'best', 'final' or 'best_pgd_ce', got {which!r}")
@@ -281,7 +338,7 @@ def load_run_model(run_dir, which: str = "best", device="cpu"):
     cfg = load_run_config(run_dir)
     path = run_dir / RUN_FILES[which]
     state, meta = read_weights(path)
-    check_run_weights(run_dir, cfg, meta, which)
+    check_run_weights(run_dir, cfg, meta, which, log=log)
     info = info_from_metadata(meta, str(path))
     model = load_state_checked(build_model_for(cfg, info), state, str(path), cfg.model.arch)
     return model.to(device).eval(), cfg, info

@@ -608,7 +608,7 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
                eps: Optional[float] = None, autoattack: Optional[dict] = None, sanity: Optional[dict] = None,
                dataset: Optional[str] = None, authors: Optional[str] = None, link: Optional[str] = None,
                venue: Optional[str] = None, additional_data: bool = False, license: str = "mit",
-               verify: bool = True, overwrite: bool = False) -> dict:
+               verify: bool = True, overwrite: bool = False, log=None) -> dict:
     """Export ``run_dir``'s ``best`` or ``final`` weights to ``out_dir`` (see the module docstring).
 
     Args:
@@ -631,6 +631,9 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
             datasets through ``robustbench.utils.load_model``) and require identical outputs.
         overwrite: replace an earlier export in ``out_dir`` (as a whole, in one step). Without it
             a non-empty ``out_dir`` is refused; with it, one that holds no export still is.
+        log: a callable taking one line, told when the weights predate config fields that were
+            accepted at their defaults (:func:`~rb_labelrefine.runs.check_fingerprint`); the
+            manifest lists them as ``source.fields_added_later`` either way.
 
     ``out_dir`` must not be, contain or lie inside ``run_dir``. Returns a dict of the written paths.
     Bad input raises :class:`ExportError` (a ``ValueError``) naming the argument, file or field,
@@ -655,7 +658,7 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
     kwargs = _check_kwargs(cfg.model.kwargs or {}, f"{cfg_file}: model.kwargs")
     weights_path = run_dir / RUN_FILES[which]
     state, meta = read_weights(weights_path)
-    check_run_weights(run_dir, cfg, meta, which)   # the weights were written by this run
+    added_later = check_run_weights(run_dir, cfg, meta, which, log=log)  # written by this run
     info = info_from_metadata(meta, str(weights_path))
     epoch = meta.get("epoch")
     if epoch is not None and not re.fullmatch(r"\d{1,9}", epoch):
@@ -763,7 +766,8 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
             "robustbench_architecture": None if spec is None else spec.native,
             "which": which, "epoch": None if epoch is None else int(epoch),
             "source": {"run_dir": str(run_dir.resolve()), "weights": str(weights_path.resolve()),
-                       "config_fingerprint": meta.get("config_fingerprint")},
+                       "config_fingerprint": meta.get("config_fingerprint"),
+                       "fields_added_later": added_later},
             "arch": arch, "model_kwargs": kwargs, "data_info": json.loads(info_to_metadata(info)),
             "method": cfg.method.name, "objective": cfg.objective.name,
             "evaluations": results, "sanity": sanity,

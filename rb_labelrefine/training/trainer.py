@@ -40,8 +40,8 @@ from ..averaging import EMA, SWA, build_awp, frozen_bn_stats, scale_decay
 from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..objectives import build_objective
 from ..rectifiers.registry import BuildContext, build_rectifier
-from ..runs import (RESUMABLE_DIFFERENCES, RUN_FILES, build_model_for, check_fingerprint, fingerprint_metadata,
-                    info_to_metadata, read_weights, write_weights)
+from ..runs import (RESUMABLE_DIFFERENCES, RUN_FILES, added_later_note, build_model_for, check_fingerprint,
+                    fingerprint_metadata, info_to_metadata, read_weights, write_weights)
 from ..runs import flatten_config as _flatten
 from ..runs import load_error_detail as _load_error_detail
 from .errors import NonFiniteLossError, ResumeError, TrainingInterrupted
@@ -446,6 +446,17 @@ class Trainer:
             "epoch_acc": {k: float(v) for k, v in self.epoch_acc.items()},
         }
 
+    def _check_fingerprint(self, stored: dict, where: str) -> None:
+        """:func:`~rb_labelrefine.runs.check_fingerprint` for ``--resume``: a file of another run is a
+        :class:`ResumeError`; fields accepted as added later (by a newer rb_labelrefine, at their
+        defaults) are logged in one line."""
+        try:
+            added = check_fingerprint(self.cfg, stored, where)
+        except ValueError as exc:
+            raise ResumeError(f"--resume: {exc}") from None
+        if added:
+            self.log(added_later_note(where, added))
+
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
         """Restore a checkpoint -- only one that proves it belongs to this run (its fingerprint),
         whose positions fit this run's schedule and whose tensors have this run's shapes; anything
@@ -458,10 +469,7 @@ class Trainer:
         if missing:
             raise ResumeError(f"{where} is incomplete: it has no {', '.join(repr(k) for k in missing)} "
                               "(not a checkpoint written by rb_labelrefine's trainer)")
-        try:
-            check_fingerprint(self.cfg, state, where)
-        except ValueError as exc:
-            raise ResumeError(f"--resume: {exc}") from None
+        self._check_fingerprint(state, where)
         if state.get("version") != __version__:
             self.log(f"note: {where} was written by rb_labelrefine {state.get('version')}, this is {__version__}: "
                      "the resumed run may differ from an uninterrupted one")
@@ -620,13 +628,13 @@ class Trainer:
         where = f"the checkpoint {paths['checkpoint']}"
         if not isinstance(state, dict):
             raise ResumeError(f"{where} holds a {type(state).__name__}, not a training checkpoint")
-        try:
-            check_fingerprint(self.cfg, state, where)
-            for which in ("best", "final"):
+        self._check_fingerprint(state, where)
+        for which in ("best", "final"):
+            try:
                 _, meta = read_weights(self.out / RUN_FILES[which])
-                check_fingerprint(self.cfg, meta, str(self.out / RUN_FILES[which]))
-        except ValueError as exc:
-            raise ResumeError(f"--resume: {exc}") from None
+            except ValueError as exc:
+                raise ResumeError(f"--resume: {exc}") from None
+            self._check_fingerprint(meta, str(self.out / RUN_FILES[which]))
         if (state.get("epoch"), state.get("batch")) != (self.cfg.train.epochs, 0) or not isinstance(summary, dict):
             return None
         self.log(f"--resume: {self.out} is finished (all {self.cfg.train.epochs} epochs, {RUN_FILES['summary']} "
@@ -649,10 +657,10 @@ class Trainer:
             for which in ("best", "final"):  # a weights file dropped in from another run
                 if (self.out / RUN_FILES[which]).exists():
                     try:
-                        check_fingerprint(self.cfg, read_weights(self.out / RUN_FILES[which])[1],
-                                          str(self.out / RUN_FILES[which]))
+                        _, meta = read_weights(self.out / RUN_FILES[which])
                     except ValueError as exc:
                         raise ResumeError(f"--resume: {exc}") from None
+                    self._check_fingerprint(meta, str(self.out / RUN_FILES[which]))
             self.log(f"resumed from {self.out / RUN_FILES['checkpoint']} at epoch {self.start_epoch + 1}, "
                      f"batch {self.start_batch}")
             if self.start_batch and self.cfg.data.augment and self.cfg.data.num_workers > 0:
