@@ -729,6 +729,23 @@ def render_markdown(result: dict) -> str:
                      f"{b['train_robust_acc']['last5_mean']:.1f} % (mean of the last 5 epochs).{per_seed}")
         lines.append("")
     cl = result.get("claims", [])
+    prs = [r for r in result.get("paired", []) if r["metric"] == "autoattack" and r["selection"] == "best"]
+    if prs:
+        # the verdicts come from the paired comparison (same points, same seeds); the unpaired
+        # mean-vs-mean "claims" (in the JSON) are not rendered then: their seeds may differ
+        lines.append(f"**Verdicts** (paired: the same {prs[0]['n_points']} test points and the same seeds; AA "
+                     "columns; *best* selected by the preset's validation attack; 95 % bootstrap CIs over test "
+                     "points and seeds; a difference whose CI contains 0 is 'cannot tell'):")
+        lines.append("")
+        for r in prs:
+            fd, g, bg = r["final_diff"], r["gap"], r["base_gap"]
+            lines.append(
+                f"- {LABELS[r['method']]} vs {LABELS[r['base']]} (seeds {','.join(map(str, r['seeds']))}): final "
+                f"{_ci_s(fd)} (CI ± {fd['half_width']:.2f}) → *ends higher*: **{r['higher_final']}**; gap "
+                f"{_ci_s(g)} vs the base's {_ci_s(bg)}, difference {_ci_s(r['gap_diff'])} → *cuts the gap by "
+                f"half*: **{r['halves_gap']}**.")
+        lines.append("")
+        cl = []
     if cl:
         lines.append("**Claims** (gap = best − final; \"halves\" = gap ≤ ½ × PGD-AT's gap; means over seeds where "
                      "there are several):")
