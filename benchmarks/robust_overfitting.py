@@ -23,12 +23,13 @@ rewritten after every finished run, so a partial table survives an interruption.
 (``benchmark_record.json`` in its directory) is reused when the script is started again with the
 same ``--out``; an interrupted one is resumed from its checkpoint.
 
-Every checkpoint's per-point outcomes (clean, PGD-20, AutoAttack: 0/1 strings under
-``per_point`` in the JSON) are kept, and each method is compared with its base objective (PGD-AT,
-or TRADES for LTD) *paired* -- same test points, same seeds -- with 95 % bootstrap CIs over test
-points and seeds (``paired_stats.py``) and a verdict per claim (yes / no / cannot tell).  With a
-preset's ``val_attack`` other than ``pgd_ce`` (fmnist-long: margin PGD-10), *best* is selected by
-that attack and the checkpoint CE-PGD validation would pick is scored beside it.
+Every checkpoint's per-point outcomes (clean, PGD-20, AutoAttack, and AutoAttack after each of
+its stages: 0/1 strings under ``per_point`` in the JSON) are kept, and each method is compared
+with its base objective (PGD-AT, or TRADES for LTD) *paired* -- same test points, same seeds --
+with 95 % bootstrap CIs over test points and seeds (``paired_stats.py``) and a verdict per claim
+(yes / no / cannot tell).  With a preset's ``val_attack`` other than ``pgd_ce`` (fmnist-long:
+margin PGD-10), *best* is selected by that attack and the checkpoint CE-PGD validation would pick
+is scored beside it.
 
 Outputs (``--results-dir``, default ``benchmarks/results`` for ``fmnist-small``, ``--out`` for
 ``smoke``): ``robust_overfitting_<tag>.json``, ``.md`` and ``.png``.
@@ -334,6 +335,10 @@ def _run_job(job: dict, phase: str = "train") -> dict:
                            "autoattack_suite": suite,
                            "autoattack_version": aa.get("version"), "autoattack_flags": aa.get("flags"),
                            "autoattack_points": points_str(aa["robust_correct"])})
+            if aa.get("per_attack_correct"):
+                # per point after each stage (clean, apgd-ce, apgd-t, ...): AutoAttack's own robust
+                # flags from this same run, for paired per-stage comparisons (issue 13)
+                fields["autoattack_stage_points"] = {k: points_str(v) for k, v in aa["per_attack_correct"].items()}
             # re-read before writing: another invocation may have attacked another checkpoint of
             # this run meanwhile (the checkpoints of one run can be attacked side by side)
             rec = json.loads(rec_path.read_text())
@@ -442,7 +447,7 @@ def _first_points(d: dict, aa_n: int) -> dict:
     on the AutoAttack points recomputed from the per-point outcomes.  (AutoAttack treats points
     independently, but its random starts are drawn per batch, so these equal an attack on aa_n
     points in distribution, not bit for bit; AutoAttack's per-stage numbers are not known for the
-    subset and are dropped.)"""
+    subset and are dropped; the per-stage per-point outcomes are cut like the final ones.)"""
     from paired_stats import as_points
 
     aa = d["autoattack_points"][:aa_n]
@@ -452,6 +457,8 @@ def _first_points(d: dict, aa_n: int) -> dict:
                 "pgd20_aa_points": 100.0 * float(as_points(pg).mean()), "autoattack_n": aa_n,
                 "autoattack_first_of": d["autoattack_n"],
                 "autoattack_all": d.get("autoattack")})
+    if d.get("autoattack_stage_points"):
+        out["autoattack_stage_points"] = {k: v[:aa_n] for k, v in d["autoattack_stage_points"].items()}
     return out
 
 
@@ -978,7 +985,8 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     result["claims"] = claims(methods, {"autoattack": p["aa_n"], "pgd20": p["curve_n"]})
     result["paired"] = paired_claims(records, p["aa_n"])
     # every checkpoint's per-point outcomes (0/1 strings over the first curve_n / aa_n test points)
-    result["per_point"] = {k: {w: {f: r[w][f] for f in ("clean_points", "pgd20_points", "autoattack_points")
+    result["per_point"] = {k: {w: {f: r[w][f] for f in ("clean_points", "pgd20_points", "autoattack_points",
+                                                          "autoattack_stage_points")
                                    if r[w].get(f) is not None} for w in _checkpoints(r)}
                            for k, r in sorted(records.items())}
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -315,7 +315,8 @@ def build_result(args, p, grid, trials, table, selections, trial_recs, table_rec
     return {
         "setup": setup, "machine": ro.machine_string(), "selection": selections, "trials": trials_out,
         "methods": methods, "paired": ro.paired_claims(table_recs, p["aa_n"]),
-        "per_point": {k: {w: {f: r[w][f] for f in ("clean_points", "pgd20_points", "autoattack_points")
+        "per_point": {k: {w: {f: r[w][f] for f in ("clean_points", "pgd20_points", "autoattack_points",
+                                                     "autoattack_stage_points")
                               if r[w].get(f) is not None} for w in ro._checkpoints(r)}
                       for k, r in sorted(table_recs.items())},
         "n_runs": {"trials": len(trial_recs), "table": len(table_recs)},

@@ -35,6 +35,9 @@ def test_robust_overfitting_smoke(tmp_path):
     assert set(pp) == {"best", "final", "best_pgd_ce"}    # smoke selects by margin PGD: both bests kept
     assert len(pp["final"]["autoattack_points"]) == 16 and len(pp["final"]["pgd20_points"]) == 64
     assert 100 * pp["final"]["autoattack_points"].count("1") / 16 == rec["final"]["autoattack"]
+    stages = pp["final"]["autoattack_stage_points"]   # per point after each stage, the last one = the final
+    assert list(stages) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"][:len(stages)] and len(stages) >= 2
+    assert all(len(v) == 16 for v in stages.values()) and list(stages.values())[-1] == pp["final"]["autoattack_points"]
     rows = [r for r in res["paired"] if r["method"] == "adr"]
     assert {(r["metric"], r["selection"]) for r in rows} == {(m, s) for m in ("autoattack", "pgd20")
                                                             for s in ("best", "best_pgd_ce")}
@@ -92,6 +95,7 @@ def test_robust_overfitting_more_points_serve_a_smaller_table_with_their_first_p
     ro = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ro)
     big = {"autoattack": 50.0, "autoattack_n": 8, "autoattack_points": "11010000",
+           "autoattack_stage_points": {"clean": "11110110", "apgd-ce": "11010100", "apgd-t": "11010000"},
            "autoattack_per_attack": {"apgd-ce": 62.5, "apgd-t": 50.0}, "pgd20_aa_points": 62.5,
            "pgd20_points": "1111000011", "pgd20": 60.0, "clean": 80.0}
     rec = {"best": dict(big), "final": {k: v for k, v in big.items() if k != "autoattack_points"}}
@@ -100,6 +104,7 @@ def test_robust_overfitting_more_points_serve_a_smaller_table_with_their_first_p
     assert b["autoattack"] == 75.0 and b["autoattack_points"] == "1101" and b["autoattack_n"] == 4
     assert b["pgd20_aa_points"] == 100.0 and b["autoattack_first_of"] == 8 and b["autoattack_all"] == 50.0
     assert "autoattack_per_attack" not in b and b["pgd20"] == 60.0
+    assert b["autoattack_stage_points"] == {"clean": "1111", "apgd-ce": "1101", "apgd-t": "1101"}
     assert "autoattack" not in out["final"] and out["final"]["pgd20"] == 60.0
     assert ro._covers(big, 4) and ro._covers(big, 8) and not ro._covers(big, 9)
     assert not ro._covers(rec["final"], 4)

@@ -34,6 +34,9 @@ def test_digits_run_published_from_the_cli(tmp_path):
     info_path = exp / "model_info" / "digits" / "Linf" / "Cli2026_PGDAT_digits.json"
     info = json.loads(info_path.read_text())
     aa = res["autoattack"]
+    # per point, after the suite and after each of its stages (here: clean, then APGD-CE)
+    assert list(aa["per_attack_correct"]) == ["clean", "apgd-ce"] and len(aa["robust_correct"]) == 16
+    assert aa["per_attack_correct"]["apgd-ce"] == aa["robust_correct"]
     assert info["autoattack_acc"] == str(round(aa["robust_acc"], 2)) and info["clean_acc"] == str(round(aa["clean_acc"], 2))
     card = (exp / "README.md").read_text()
     assert f"{aa['robust_acc']:.2f}%" in card and "Gradient-masking sanity checks were not run" not in card

@@ -309,3 +309,55 @@ def test_robustbench_names_and_missing_data_error_clearly(tmp_path):
         load_rb_data("imagenet", 10, tmp_path)
     with pytest.raises(DatasetNotFoundError, match="CIFAR-10-C"):
         load_rb_data("cifar10", 10, tmp_path, threat_model="corruptions")
+
+
+# Reduced settings for all four standard stages (seconds on two cores).  The stage-by-stage
+# reference below passes the same values to each custom call, plus what version='standard'
+# sets itself (autoattack.py _set_version, Linf: restarts 1, Square's queries).
+TINY_SUITE = {"apgd.n_iter": 3, "apgd_targeted.n_iter": 3, "apgd_targeted.n_target_classes": 2,
+              "fab.n_iter": 3, "fab.n_target_classes": 2, "square.n_queries": 10}
+STANDARD_SET = {"apgd.n_restarts": 1, "apgd_targeted.n_restarts": 1, "fab.n_restarts": 1}
+
+
+def _stage_by_stage(model, x, y, eps, attack_params, batch_size):
+    """Each standard stage as its own version='custom' call on the points still robust."""
+    alive = torch.ones(len(y), dtype=torch.bool)
+    with torch.no_grad():
+        alive &= model(x).argmax(1) == y
+    flags = {"clean": alive.clone()}
+    for stage in ("apgd-ce", "apgd-t", "fab-t", "square"):
+        idx = alive.nonzero().flatten()
+        if len(idx) == 0:
+            break
+        r = run_autoattack(model, x[idx], y[idx], eps=eps, version="custom", attacks=[stage], seed=0,
+                           attack_params={**STANDARD_SET, **attack_params}, batch_size=batch_size,
+                           stage_points=False)
+        alive[idx] = torch.tensor(r["robust_correct"], dtype=torch.bool)
+        flags[stage] = alive.clone()
+    return {k: v.int().tolist() for k, v in flags.items()}
+
+
+def test_autoattack_per_stage_points_are_the_single_runs_flags():
+    model = _mlp()
+    x, y = _points(model, n=14)
+    y[:2] = (y[:2] + 1) % 10  # two clean mistakes: the clean stage is not all ones
+    eps, bs = 3 / 255, 5      # 12 -> 7 -> 6 points: two batches of 5 per stage, re-formed as the set shrinks
+    res = run_autoattack(model, x, y, eps=eps, version="standard", attack_params=TINY_SUITE, batch_size=bs)
+    stages = res["per_attack_correct"]
+    assert list(stages) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert all(len(f) == 14 and set(f) <= {0, 1} for f in stages.values())
+    assert stages["clean"][:2] == [0, 0] and 100.0 * sum(stages["clean"]) / 14 == res["clean_acc"]
+    for stage in res["attacks"]:  # AutoAttack logs each stage's accuracy rounded to 0.01 %
+        assert abs(100.0 * sum(stages[stage]) / 14 - res["per_attack"][stage]) <= 0.005 + 1e-9
+    names = list(stages)
+    for prev, cur in zip(names, names[1:]):  # monotone: robust after a stage => robust before it
+        assert all(p >= c for p, c in zip(stages[prev], stages[cur])), (prev, cur)
+    assert stages["square"] == res["robust_correct"]
+    assert sum(stages["clean"]) > sum(stages["apgd-ce"]) > sum(stages["apgd-t"])  # APGD-T removes points after CE
+    # Recording changes nothing about the run, and costs nothing when switched off.
+    off = run_autoattack(model, x, y, eps=eps, version="standard", attack_params=TINY_SUITE, batch_size=bs,
+                         stage_points=False)
+    assert "per_attack_correct" not in off
+    assert off["robust_correct"] == res["robust_correct"] and off["per_attack"] == res["per_attack"]
+    # The same flags from running the stages one by one (independent of the recording hook).
+    assert _stage_by_stage(model, x, y, eps, TINY_SUITE, bs) == stages

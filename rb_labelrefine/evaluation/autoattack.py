@@ -11,7 +11,10 @@ What comes back is plain data (numbers in percent, lists of strings) that can be
 JSON and rendered into a model card: clean and robust accuracy, the robust accuracy after each
 attack as AutoAttack logs it, AutoAttack's own sanity flags (randomised / probability outputs /
 dynamic defences / too many target classes / zero gradients / Square beating the white-box
-attacks), the attack settings, the backend and its version, the machine and the elapsed time.
+attacks), the attack settings, the backend and its version, the machine and the elapsed time,
+and per point: correct after the whole suite (``robust_correct``) and after each stage
+(``per_attack_correct``, AutoAttack's own robust flags recorded inside the one run, see
+:func:`_stage_recorder`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import platform
 import re
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from typing import Optional, Sequence
@@ -172,10 +176,89 @@ def describe_autoattack(result: dict) -> str:
     return f"AutoAttack {kind} ({result.get('norm')}, eps={format_eps(result.get('eps'))}{extra})"
 
 
+# ----------------------------------------------------------------------------- per-stage flags
+#
+# Why a hook and not one AutoAttack call per stage: run stage by stage (version="custom",
+# attacks_to_run=[stage] on the points still robust) every perturb call would get the same
+# batch and seed, but the result is not provably the same run -- each call recomputes the clean
+# predictions of the surviving points in differently composed batches (a borderline point can
+# flip on another BLAS path), re-runs the defence checks, and check_square_sr (Square beating
+# the white-box attacks) never fires since each call sees only its own stage.  So instead the
+# suite's own ``robust_flags`` are copied as ``run_standard_evaluation`` reports them to its
+# ``EvaluationState``: once after the clean pass, and in ``add_run_attack`` after each stage.
+# That is the single run itself, at no extra attack or forward cost.
+
+_RECORDER = threading.local()
+_INSTALL_LOCK = threading.Lock()
+
+
+def _recording_state_class(base):
+    class RecordingEvaluationState(base):
+        """AutoAttack's ``EvaluationState``, also copying the robust flags to the active recorder.
+
+        Without a recorder on this thread (``_stage_recorder``) it behaves exactly as ``base``.
+        """
+
+        _rb_labelrefine_recording = True
+
+        @property
+        def robust_flags(self):
+            return base.robust_flags.fget(self)
+
+        @robust_flags.setter
+        def robust_flags(self, flags):
+            base.robust_flags.fset(self, flags)
+            rec = getattr(_RECORDER, "stages", None)
+            # The first assignment is the clean pass; later ones are per attack batch.
+            if rec is not None and flags is not None and "clean" not in rec:
+                rec["clean"] = flags.detach().cpu().clone()
+
+        def add_run_attack(self, attack):
+            super().add_run_attack(attack)
+            rec = getattr(_RECORDER, "stages", None)
+            if rec is not None and self.robust_flags is not None:
+                rec[attack] = self.robust_flags.detach().cpu().clone()
+
+    RecordingEvaluationState.__name__ = RecordingEvaluationState.__qualname__ = base.__name__
+    return RecordingEvaluationState
+
+
+def _install_stage_hook(adversary) -> bool:
+    """Make the module that runs ``adversary``'s suite build recording states; False if it can't.
+
+    Installed once per process (idempotent, thread-safe); inert unless a recorder is active.
+    """
+    inner = adversary.__dict__.get("_aa", adversary)  # the classic adapter wraps pyautoattack
+    module = sys.modules.get(type(inner).__module__)
+    base = getattr(module, "EvaluationState", None) if module is not None else None
+    if not isinstance(base, type):
+        return False  # e.g. a GitHub autoattack older than its state support
+    if getattr(base, "_rb_labelrefine_recording", False):
+        return True
+    if not (isinstance(getattr(base, "robust_flags", None), property) and hasattr(base, "add_run_attack")):
+        return False
+    with _INSTALL_LOCK:
+        if not getattr(module.EvaluationState, "_rb_labelrefine_recording", False):
+            module.EvaluationState = _recording_state_class(base)
+    return True
+
+
+@contextlib.contextmanager
+def _stage_recorder():
+    """Collect ``{"clean": flags, stage: flags, ...}`` of the AutoAttack run inside the block."""
+    previous = getattr(_RECORDER, "stages", None)
+    _RECORDER.stages = stages = {}
+    try:
+        yield stages
+    finally:
+        _RECORDER.stages = previous
+
+
 def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 / 255,
                    version: str = "standard", attacks: Optional[Sequence[str]] = None, n_ex: Optional[int] = None,
                    batch_size: int = 250, seed: Optional[int] = 0, device="cpu", log_path=None,
-                   attack_params: Optional[dict] = None, verbose: bool = False) -> dict:
+                   attack_params: Optional[dict] = None, verbose: bool = False,
+                   stage_points: bool = True) -> dict:
     """Run AutoAttack on ``model`` (inputs in [0, 1]) and return a JSON-ready summary.
 
     Args:
@@ -191,12 +274,24 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
             eval mode (its previous mode is restored).
         log_path: also write AutoAttack's log there (classic format).
         verbose: echo AutoAttack's log to stdout.
+        stage_points: also return ``per_attack_correct`` (AutoAttack's own per-point flags
+            after each stage, recorded inside this one run: no extra attack or forward pass;
+            False leaves the key out).
 
     Returns a dict with ``clean_acc``/``robust_acc`` (percent, measured on the returned
     adversarial examples), ``n``, ``per_attack`` (robust accuracy after each attack, percent,
     as logged by AutoAttack), ``flags`` (AutoAttack's own warnings), ``max_perturbation`` and
     ``perturbation_ok``, ``robust_correct`` (per point, 0/1, in data order), ``elapsed_s``,
     ``backend``/``backend_version``, the settings and ``machine``.
+
+    With ``stage_points``, ``per_attack_correct`` maps ``"clean"`` and every stage that ran
+    (AutoAttack's order; it stops early once no point is left) to 0/1 per point in data order:
+    still correct after that stage.  These are the suite's own robust flags, so each stage's
+    mean is its ``per_attack`` entry (which AutoAttack logs rounded to 0.01 %), and a point
+    robust after a stage was robust after the one before.  ``robust_correct`` is re-measured on
+    the returned adversarial examples; it equals the last stage's flags unless a point sits so
+    close to the decision boundary that another batch composition flips its prediction.
+    ``None`` if the installed AutoAttack has no ``EvaluationState`` to record from.
     """
     attacks = list(attacks) if attacks else None
     _validate(norm, eps, version, attacks, x, y, n_ex, batch_size)
@@ -236,11 +331,13 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
             adversary = AutoAttack(model, **kwargs)
             if attack_params:
                 _apply_attack_params(adversary, attack_params)
+            recording = stage_points and _install_stage_hook(adversary)
             for h in handlers:
                 aa_logger.addHandler(h)
             try:
                 redirect = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(stdout)
-                with redirect:
+                recorder = _stage_recorder() if recording else contextlib.nullcontext({})
+                with redirect, recorder as stage_flags:
                     x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
             finally:
                 for h in handlers:
@@ -301,6 +398,9 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf"
         "batch_size": batch_size,
         "machine": machine_info(device),
     }
+    if stage_points:
+        result["per_attack_correct"] = ({k: [int(v) for v in f] for k, f in stage_flags.items()}
+                                        if recording else None)
     if not result["perturbation_ok"]:
         result["flags"].append(f"adversarial examples exceed the {norm} budget: max perturbation "
                                f"{max_pert:.6g} > eps {eps:.6g}")
