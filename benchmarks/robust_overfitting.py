@@ -216,6 +216,16 @@ def _write_record(rec_path: Path, rec: dict) -> None:
     os.replace(tmp, rec_path)
 
 
+def write_json_md(base: Path, result: dict, markdown: str) -> None:
+    """Write ``result`` to ``base``.json and ``markdown`` to ``base``.md (each via a .tmp file, so a
+    reader never sees a half-written one); creates ``base``'s folder."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown)):
+        tmp = base.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, base.with_suffix(suffix))
+
+
 def run_job(job: dict, phase: str = "train") -> dict:
     """Run one task; any error comes back as a RuntimeError carrying the traceback (some
     exceptions, e.g. the package's ConfigError, cannot be unpickled and would break the pool)."""
@@ -223,6 +233,67 @@ def run_job(job: dict, phase: str = "train") -> dict:
         return _run_job(job, phase)
     except Exception as exc:
         raise RuntimeError(f"{job['key']} ({phase}): {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from None
+
+
+def schedule(pending: list, *, jobs: int, ready, on_done, elapsed, failed: dict, running: dict,
+             order=None, deadline_min: Optional[float] = None, run_phase=None,
+             dep_failed: str = "a run it needs failed") -> None:
+    """Run the tasks of ``pending`` (``(phase, job)`` pairs) with at most ``jobs`` at a time.
+
+    Shared by this script and robust_overfitting_tuned.py.  The tasks run as
+    ``run_job(job, run_phase(phase))`` (default: the phase itself) in a pool of ``jobs`` spawned
+    processes.  Each round: ``order(pending)`` gives ``(tasks, hold)`` -- the pending tasks in the
+    order to try and a predicate ``hold(phase, job)`` (or None) for tasks to leave for a later
+    round; default: ``(list(pending), None)``.  In that order, until ``jobs`` tasks run or
+    ``elapsed()`` (minutes, checked once a round) is past ``deadline_min``: a task whose dependency
+    failed (``job["deps"]``, or for ``"aa"`` its own training) is dropped and recorded in
+    ``failed`` with the reason ``dep_failed``; a task with ``ready(phase, job)`` is started.  Then it waits
+    for the first task to finish: a result goes to ``on_done(phase, job, rec)`` (which may append
+    tasks to ``pending``), an exception is recorded in ``failed[job["key"]]`` with its traceback
+    and printed to stderr.  It returns when nothing is running and nothing can start.
+    ``pending``, ``failed`` and ``running`` (future -> task) are the caller's and are updated in place.
+    """
+    import multiprocessing as mp
+
+    run_phase = run_phase or (lambda phase: phase)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        while pending or running:
+            is_late = deadline_min is not None and elapsed() > deadline_min
+            tasks, hold = order(pending) if order is not None else (list(pending), None)
+            for phase, j in tasks:
+                if len(running) >= jobs or is_late:
+                    break
+                if hold is not None and hold(phase, j):
+                    continue
+                if any(d in failed for d in j["deps"]) or (phase == "aa" and j["key"] in failed):
+                    failed.setdefault(j["key"], dep_failed)
+                    pending.remove((phase, j))
+                    continue
+                if ready(phase, j):
+                    pending.remove((phase, j))
+                    running[pool.submit(run_job, j, run_phase(phase))] = (phase, j)
+                    print(f"[{elapsed():5.1f} min] start {phase} {j['key']}", flush=True)
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                phase, j = running.pop(fut)
+                try:
+                    rec = fut.result()
+                except Exception:
+                    failed[j["key"]] = traceback.format_exc()
+                    print(f"[{elapsed():5.1f} min] FAILED {phase} {j['key']}:\n{failed[j['key']]}",
+                          file=sys.stderr, flush=True)
+                    continue
+                on_done(phase, j, rec)
+
+
+def exit_status(failed: dict) -> int:
+    """0, or 1 after naming the failed runs on stderr."""
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _checkpoints(rec_or_dir) -> list[str]:
@@ -989,12 +1060,8 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
                                                           "autoattack_stage_points")
                                    if r[w].get(f) is not None} for w in _checkpoints(r)}
                            for k, r in sorted(records.items())}
-    results_dir.mkdir(parents=True, exist_ok=True)
     base = results_dir / f"robust_overfitting_{p['tag']}"
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", render_markdown(result))):
-        tmp = base.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, base.with_suffix(suffix))
+    write_json_md(base, result, render_markdown(result))
     try:
         plot(result, base.with_suffix(".png"))
     except Exception as exc:  # the table matters more than the figure
@@ -1113,7 +1180,6 @@ def main(argv=None) -> int:
     # precedence once that time has passed, so the most important rows get AutoAttack in time.
     pending = [("train", j) for j in jobs] + \
         ([] if args.train_only else [("aa", j) for j in jobs if j["method"] != "natural"])
-    import multiprocessing as mp
 
     def elapsed():
         return (time.time() - t_start) / 60
@@ -1135,49 +1201,26 @@ def main(argv=None) -> int:
                   f"(n={b.get('autoattack_n') or f.get('autoattack_n')}, {rec.get('autoattack_seconds') or 0:.0f}s)"
                   + (" (reused)" if rec.get("reused") else ""), flush=True)
 
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        while pending or running:
-            late = args.deadline_min is not None and elapsed() > args.deadline_min
-            train_late = args.train_deadline_min is not None and elapsed() > args.train_deadline_min
-            order = ([t for t in pending if t[0] == "aa"] + [t for t in pending if t[0] == "train"]) if train_late \
-                else [t for t in pending if t[0] == "train"] + [t for t in pending if t[0] == "aa"]
-            for phase, j in order:
-                if len(running) >= args.jobs or late:
-                    break
-                if train_late and phase == "train" and any(p == "aa" and ready(p, jj) for p, jj in pending):
-                    continue
-                if any(d in failed for d in j["deps"]) or (phase == "aa" and j["key"] in failed):
-                    failed.setdefault(j["key"], "a teacher run failed")
-                    pending.remove((phase, j))
-                    continue
-                if ready(phase, j):
-                    pending.remove((phase, j))
-                    running[pool.submit(run_job, j, phase)] = (phase, j)
-                    print(f"[{elapsed():5.1f} min] start {phase} {j['key']}", flush=True)
-            if not running:
-                break
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                phase, j = running.pop(fut)
-                try:
-                    rec = fut.result()
-                except Exception:
-                    failed[j["key"]] = traceback.format_exc()
-                    print(f"[{elapsed():5.1f} min] FAILED {phase} {j['key']}:\n{failed[j['key']]}",
-                          file=sys.stderr, flush=True)
-                    continue
-                records[j["key"]] = rec
-                report(phase, j, rec)
-                missing = [f"{p}:{x['key']}" for p, x in pending] + list(failed) + \
-                    [f"{p}:{x['key']}" for p, x in running.values()]
-                write_results(records, jobs, args, p, t_start, results_dir, missing)
+    def order(pending):
+        # past --train-deadline-min: AutoAttack tasks first, and no training starts while one is ready
+        if args.train_deadline_min is not None and elapsed() > args.train_deadline_min:
+            return ([t for t in pending if t[0] == "aa"] + [t for t in pending if t[0] == "train"],
+                    lambda phase, j: phase == "train" and any(p == "aa" and ready(p, jj) for p, jj in pending))
+        return [t for t in pending if t[0] == "train"] + [t for t in pending if t[0] == "aa"], None
+
+    def on_done(phase, j, rec):
+        records[j["key"]] = rec
+        report(phase, j, rec)
+        missing = [f"{p}:{x['key']}" for p, x in pending] + list(failed) + \
+            [f"{p}:{x['key']}" for p, x in running.values()]
+        write_results(records, jobs, args, p, t_start, results_dir, missing)
+
+    schedule(pending, jobs=args.jobs, ready=ready, on_done=on_done, elapsed=elapsed, failed=failed, running=running,
+             order=order, deadline_min=args.deadline_min, dep_failed="a teacher run failed")
     missing = [f"{ph}:{x['key']}" for ph, x in pending] + list(failed)
     result = write_results(records, jobs, args, p, t_start, results_dir, missing)
     print(render_markdown(result))
-    if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(failed)
 
 
 if __name__ == "__main__":

@@ -76,8 +76,6 @@ import json
 import os
 import sys
 import time
-import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Optional
 
@@ -374,12 +372,7 @@ def render_markdown(res: dict) -> str:
 
 
 def write_report(res: dict, results_dir: Path, tag: str) -> None:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    base = results_dir / f"robust_overfitting_tuned_{tag}"
-    for suffix, text in ((".json", json.dumps(res, indent=1)), (".md", render_markdown(res))):
-        tmp = base.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, base.with_suffix(suffix))
+    ro.write_json_md(results_dir / f"robust_overfitting_tuned_{tag}", res, render_markdown(res))
 
 
 # ----------------------------------------------------------------------------- main
@@ -498,8 +491,6 @@ def main(argv=None) -> int:
         print(render_markdown(report()))
         return 0
 
-    import multiprocessing as mp
-
     done_teachers, failed, running = {}, {}, {}
     # tasks: teachers, then trials (method order), base table runs; a tuned method's table runs
     # join once its K trials are done; AutoAttack after a table run's training
@@ -516,64 +507,42 @@ def main(argv=None) -> int:
         have = set(done_teachers) | set(table_recs)
         return all(d in have for d in j["deps"])
 
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        while pending or running:
-            late = args.deadline_min is not None and elapsed() > args.deadline_min
-            order = [t for t in pending if t[0] != "aa"] + [t for t in pending if t[0] == "aa"]
-            for phase, j in order:
-                if len(running) >= args.jobs or late:
-                    break
-                if any(d in failed for d in j["deps"]) or (phase == "aa" and j["key"] in failed):
-                    failed.setdefault(j["key"], "a run it needs failed")
-                    pending.remove((phase, j))
-                    continue
-                if ready(phase, j):
-                    pending.remove((phase, j))
-                    running[pool.submit(ro.run_job, j, "aa" if phase == "aa" else "train")] = (phase, j)
-                    print(f"[{elapsed():5.1f} min] start {phase} {j['key']}", flush=True)
-            if not running:
-                break
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                phase, j = running.pop(fut)
-                try:
-                    rec = fut.result()
-                except Exception:
-                    failed[j["key"]] = traceback.format_exc()
-                    print(f"[{elapsed():5.1f} min] FAILED {phase} {j['key']}:\n{failed[j['key']]}",
-                          file=sys.stderr, flush=True)
-                    continue
-                reused = " (reused)" if rec.get("reused") else ""
-                if phase == "trial":
-                    trial_recs[j["key"]] = rec
-                    m = j["method"]
-                    print(f"[{elapsed():5.1f} min] trial {j['key']} {_values_s(j['values'])}: final val "
-                          f"{key} {trial_scores(json.loads((Path(j['out_dir']) / 'history.json').read_text()), key)['final']:.1f}"
-                          f"{reused}", flush=True)
-                    if try_select(m):
-                        sel = selections[m]
-                        print(f"[{elapsed():5.1f} min] selected {m}: trial {sel['chosen']} "
-                              f"({_values_s(sel['values'])}), {select_on}-epoch {key} "
-                              f"{sel['scores'][sel['chosen']][select_on]:.1f}", flush=True)
-                        if not args.tune_only:
-                            pending += [("train", jj) for jj in table_jobs[m]]
-                elif j["key"] in teachers and phase == "train":
-                    done_teachers[j["key"]] = rec
-                    print(f"[{elapsed():5.1f} min] teacher {j['key']} done{reused}", flush=True)
-                else:
-                    table_recs[j["key"]] = rec
-                    if phase == "train" and not args.train_only:
-                        pending.append(("aa", j))
-                    print(f"[{elapsed():5.1f} min] {phase} {j['key']}: final pgd20 {rec['final']['pgd20']:.1f}"
-                          + (f" AA {rec['final']['autoattack']:.1f}" if rec["final"].get("autoattack") is not None
-                             else "") + reused, flush=True)
-                report()
+    def on_done(phase, j, rec):
+        reused = " (reused)" if rec.get("reused") else ""
+        if phase == "trial":
+            trial_recs[j["key"]] = rec
+            m = j["method"]
+            print(f"[{elapsed():5.1f} min] trial {j['key']} {_values_s(j['values'])}: final val "
+                  f"{key} {trial_scores(json.loads((Path(j['out_dir']) / 'history.json').read_text()), key)['final']:.1f}"
+                  f"{reused}", flush=True)
+            if try_select(m):
+                sel = selections[m]
+                print(f"[{elapsed():5.1f} min] selected {m}: trial {sel['chosen']} "
+                      f"({_values_s(sel['values'])}), {select_on}-epoch {key} "
+                      f"{sel['scores'][sel['chosen']][select_on]:.1f}", flush=True)
+                if not args.tune_only:
+                    pending.extend(("train", jj) for jj in table_jobs[m])
+        elif j["key"] in teachers and phase == "train":
+            done_teachers[j["key"]] = rec
+            print(f"[{elapsed():5.1f} min] teacher {j['key']} done{reused}", flush=True)
+        else:
+            table_recs[j["key"]] = rec
+            if phase == "train" and not args.train_only:
+                pending.append(("aa", j))
+            print(f"[{elapsed():5.1f} min] {phase} {j['key']}: final pgd20 {rec['final']['pgd20']:.1f}"
+                  + (f" AA {rec['final']['autoattack']:.1f}" if rec["final"].get("autoattack") is not None
+                     else "") + reused, flush=True)
+        report()
+
+    # training-like tasks (teachers, trials, table runs) before AutoAttack ones; a trial trains
+    ro.schedule(pending, jobs=args.jobs, ready=ready, on_done=on_done, elapsed=elapsed, failed=failed,
+                running=running, deadline_min=args.deadline_min,
+                order=lambda pending: ([t for t in pending if t[0] != "aa"] + [t for t in pending if t[0] == "aa"],
+                                       None),
+                run_phase=lambda phase: "aa" if phase == "aa" else "train")
     res = report()
     print(render_markdown(res))
-    if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return ro.exit_status(failed)
 
 
 if __name__ == "__main__":

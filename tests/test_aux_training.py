@@ -61,6 +61,20 @@ def _same_run(a: Path, b: Path):
     return ha
 
 
+def _stop_at(monkeypatch, step: int):
+    """Make Trainer.train_step request a SIGTERM stop after global step ``step``; returns the original."""
+    orig = Trainer.train_step
+
+    def train_step(self, *a, **k):
+        out = orig(self, *a, **k)
+        if self.global_step == step:
+            self._stop_signal = signal.SIGTERM
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    return orig
+
+
 def test_batches_hold_the_fraction_and_sglr_indexes_aux_samples_separately(tmp_path, aux_npz, monkeypatch):
     cfg = load_config("digits-sglr", _sets(aux_npz, 0.3, ["train.epochs=2"]))
     images = np.load(aux_npz)["image"]
@@ -116,15 +130,7 @@ AUTO_AUX = ["method.schedule=auto", "method.auto_points=50", "method.auto_every=
 def test_adr_auto_with_aux_resumes_bit_exactly_after_a_mid_epoch_stop(tmp_path, aux_npz, monkeypatch):
     cfg = load_config("digits-adr", _sets(aux_npz, 0.5, AUTO_AUX))
     Trainer(cfg, tmp_path / "ref", progress=False).fit()
-    orig = Trainer.train_step
-
-    def train_step(self, *a, **k):
-        out = orig(self, *a, **k)
-        if self.global_step == 8:      # epoch 2, batch 2 of 6
-            self._stop_signal = signal.SIGTERM
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    orig = _stop_at(monkeypatch, 8)     # epoch 2, batch 2 of 6
     with pytest.raises(TrainingInterrupted):
         Trainer(cfg, tmp_path / "run", progress=False).fit()
     ck = safe_torch_load(tmp_path / "run" / RUN_FILES["checkpoint"])
@@ -143,15 +149,7 @@ def test_adr_auto_resumes_bit_exactly_across_a_fit_interval(tmp_path, aux_npz, m
     extra = ["method.schedule=auto", "method.auto_points=50", "method.auto_every=2", "train.epochs=4"]
     cfg = load_config("digits-adr", _sets(aux_npz, 0.5, extra))
     Trainer(cfg, tmp_path / "ref", progress=False).fit()
-    orig = Trainer.train_step
-
-    def train_step(self, *a, **k):
-        out = orig(self, *a, **k)
-        if self.global_step == 15:     # epoch 3, batch 3 of 6: after the first fit, before the second
-            self._stop_signal = signal.SIGTERM
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    orig = _stop_at(monkeypatch, 15)     # epoch 3, batch 3 of 6: after the first fit, before the second
     with pytest.raises(TrainingInterrupted):
         Trainer(cfg, tmp_path / "run", progress=False).fit()
     ck = safe_torch_load(tmp_path / "run" / RUN_FILES["checkpoint"])

@@ -109,3 +109,71 @@ def test_robust_overfitting_more_points_serve_a_smaller_table_with_their_first_p
     assert ro._covers(big, 4) and ro._covers(big, 8) and not ro._covers(big, 9)
     assert not ro._covers(rec["final"], 4)
     assert rec["best"] == big   # the input is not modified
+
+
+def test_robust_overfitting_schedule_orders_skips_failures_and_takes_new_tasks(monkeypatch, capsys):
+    """The scheduler shared by robust_overfitting.py and robust_overfitting_tuned.py, on an in-process
+    pool: order and hold per round, at most `jobs` running, a failed run's dependants dropped with the
+    reason, a failure's traceback kept, tasks appended by on_done run, nothing starts past the deadline."""
+    import importlib.util
+    from concurrent.futures import Future
+
+    spec = importlib.util.spec_from_file_location("robust_overfitting", ROOT / "benchmarks" / "robust_overfitting.py")
+    ro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ro)
+    started, max_running = [], []
+
+    class Pool:   # runs a task when it is submitted; its future is already done
+        def __init__(self, max_workers, mp_context):
+            self.jobs = max_workers
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, job, phase):
+            fut = Future()
+            try:
+                fut.set_result(fn(job, phase))
+            except Exception as exc:
+                fut.set_exception(exc)
+            return fut
+
+    def run_job(job, phase):
+        started.append((phase, job["key"], len(records)))   # how many had finished when it started
+        if job["key"] == "bad":
+            raise RuntimeError("bad broke")
+        return {"key": job["key"], "phase": phase}
+
+    monkeypatch.setattr(ro, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(ro, "run_job", run_job)
+    job = lambda k, deps=(): {"key": k, "deps": list(deps)}  # noqa: E731
+    a, bad, c, d = job("a"), job("bad"), job("c", ["bad"]), job("d", ["a"])
+    pending = [("train", bad), ("train", c), ("train", a), ("train", d)]
+    failed, running, records = {}, {}, {}
+
+    def on_done(phase, j, rec):
+        max_running.append(len(running))
+        records[(phase, j["key"])] = rec
+        if phase == "train" and j["key"] == "a":
+            pending.append(("aa", j))          # as the tuned script adds tasks when one completes
+
+    ro.schedule(pending, jobs=2, ready=lambda phase, j: all((("train", x) in records) for x in j["deps"]),
+                on_done=on_done, elapsed=lambda: 0.0, failed=failed, running=running,
+                order=lambda pend: (sorted(pend, key=lambda t: t[1]["key"]), lambda phase, j: j["key"] == "d"
+                                    and ("aa", "a") not in records),
+                run_phase=lambda phase: phase.upper(), dep_failed="needed run failed")
+    # round 1: a, bad (2 jobs); round 2: aa a, c dropped, d held; round 3: d
+    assert started == [("TRAIN", "a", 0), ("TRAIN", "bad", 0), ("AA", "a", 1), ("TRAIN", "d", 2)]
+    assert set(records) == {("train", "a"), ("aa", "a"), ("train", "d")} and max(max_running) <= 1
+    assert failed["c"] == "needed run failed" and "RuntimeError: bad broke" in failed["bad"]
+    assert pending == [] and running == {}
+    err = capsys.readouterr().err
+    assert "FAILED train bad:" in err and "Traceback" in err
+    # past the deadline nothing starts; the tasks stay pending
+    pending = [("train", job("e"))]
+    ro.schedule(pending, jobs=1, ready=lambda *_: True, on_done=on_done, elapsed=lambda: 5.0, failed={},
+                running={}, deadline_min=4.0)
+    assert pending == [("train", job("e"))] and len(started) == 4
