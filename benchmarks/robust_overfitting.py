@@ -76,6 +76,9 @@ MULTI_SEED = ("pgd_at", "adr", "adr_auto", "sglr", "kd_swa")   # mean +- std ove
 BASES = {"label_smoothing": "pgd_at", "adr": "pgd_at", "adr_auto": "pgd_at", "adr_wa": "pgd_at", "sglr": "pgd_at",
          "kd_swa": "pgd_at",
          "awp": "pgd_at", "wa": "pgd_at", "ltd": "trades"}
+# Further paired comparisons beside the base objective: (method, reference) -- ADR's automatic
+# tau/lambda against the paper's hand-set schedules, on the same points and seeds (issue 14).
+EXTRA_PAIRS = (("adr_auto", "adr"),)
 CHECKPOINTS = ("best", "final", "best_pgd_ce")
 # AutoAttack suites: the standard version, or its two APGD stages alone with the same settings
 AA_SUITES = {"standard": "standard (official; APGD-CE, APGD-T, FAB-T, Square)",
@@ -703,8 +706,8 @@ def paired_claims(records: dict, aa_n=None, n_boot: int = 2000) -> list[dict]:
     for r in records.values():
         by.setdefault(r["method"], {})[r["seed"]] = r
     out = []
-    for m in METHODS:
-        base = BASES.get(m)
+    pairs = [(m, BASES.get(m)) for m in METHODS] + list(EXTRA_PAIRS)
+    for m, base in pairs:
         if m not in by or base not in by:
             continue
         for metric, field in PAIRED_METRICS.items():
@@ -741,7 +744,7 @@ def render_paired(rows: list[dict], s: dict) -> list[str]:
         return []
     sel_name = {"best": f"val {s.get('val_selection', 'pgd_ce')}", "best_pgd_ce": "val pgd_ce"}
     lines = ["**Paired differences to the base objective** (PGD-AT for the PGD-AT-based methods, TRADES for "
-             "TRADES + LTD; the same test points and the same seeds; 95 % bootstrap CI over test points and "
+             "TRADES + LTD, and ADR (auto τ/λ) also against hand-set ADR; the same test points and the same seeds; 95 % bootstrap CI over test points and "
              "seeds in brackets; gap = best − final; *selection* = the validation attack that picked *best*). "
              "*Cuts the gap by half*: yes when gap − ½ × base gap is below 0 with 95 % confidence, no when "
              "above, cannot tell when 0 is inside its CI or the base's own gap is not above 0 with confidence; "
