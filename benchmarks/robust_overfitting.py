@@ -87,6 +87,9 @@ AA_SUITES = {"standard": "standard (official; APGD-CE, APGD-T, FAB-T, Square)",
 # Priority: what matters most finishes first (a partial table is still useful).
 PRIORITY = ["pgd_at", "adr", "sglr", "natural", "kd_swa", "ltd", "trades", "label_smoothing", "adr_wa", "awp",
             "wa", "adr_auto"]
+# --order round: within each seed, the rows the claims are about first, TRADES before its LTD
+ROUND_PRIORITY = ("natural", "pgd_at", "adr", "sglr", "kd_swa", "adr_auto", "trades", "ltd", "label_smoothing",
+                  "adr_wa", "awp", "wa")
 CLAIM_METHODS = ("adr", "adr_auto", "sglr", "kd_swa")
 NATURAL_PRESET = "fmnist-natural"
 TEACHER_SEED = 0   # the KD / LTD teachers are the seed-0 PGD-AT and natural runs, for every student seed
@@ -154,7 +157,8 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoint
 
     ``order="seed"``: the first seed of every method (by PRIORITY), then the further seeds;
     ``order="method"``: every seed of a method before the next, methods in the order given
-    (the teachers go just before the first method that needs them).
+    (the teachers go just before the first method that needs them); ``order="round"``: seed by
+    seed, every method's k-th seed before any (k+1)-th, by ROUND_PRIORITY within a seed.
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``): where training, PGD and AutoAttack run.  Off the CPU
     the runs also get ``train.device`` and ``train.deterministic=true`` overrides, so a GPU run's
@@ -179,10 +183,13 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoint
             rank["natural"] = min([rank[m] for m in ("kd_swa", "ltd") if m in rank] or [len(rank)]) - 0.5
         rank.setdefault("pgd_at", -1)
         need.sort(key=lambda ms: (rank[ms[0]], ms[1]))
+    elif order == "round":   # seed by seed: every method's k-th seed before any (k+1)-th one
+        pos = {s: i for i, s in enumerate(seeds)}
+        need.sort(key=lambda ms: (0 if ms[0] == "natural" else pos.get(ms[1], 0), ROUND_PRIORITY.index(ms[0]), ms[1]))
     elif order == "seed":
         need.sort(key=lambda ms: (ms[1] != first and ms[1] != TEACHER_SEED, PRIORITY.index(ms[0]), ms[1]))
     else:
-        raise ValueError(f"order must be 'seed' or 'method', got {order!r}")
+        raise ValueError(f"order must be 'seed', 'method' or 'round', got {order!r}")
 
     common = [f"train.epochs={p['epochs']}", f"optim.milestones={json.dumps(p['milestones'])}",
               f"data.train_subset={p['train_subset']}", f"data.batch_size={p['batch_size']}",
@@ -581,22 +588,48 @@ def aggregate(records: dict, seeds, aa_n=None, multi=MULTI_SEED) -> dict:
                 d["autoattack_per_attack"] = recs[0][which].get("autoattack_per_attack")
             entry[which] = d
         # the curve: per-epoch mean over seeds
-        by_epoch = {}
+        # Over the runs that have a curve.  Runs imported from an older results file kept only their
+        # method's mean +- std curve over k seeds (``curve_group``): when all k are here, that mean
+        # and std enter the pooled mean and std exactly (k * mean, (k - 1) * std^2 + k * mean^2).
+        with_curve = [r for r in recs if r.get("curve")]
+        groups = {}
         for r in recs:
+            g = r.get("curve_group") if not r.get("curve") else None
+            if g:
+                groups.setdefault(g["id"], (g, []))[1].append(r)
+        groups = {i: (g, rs) for i, (g, rs) in groups.items() if len(rs) == g["n"]}
+        parts = {}   # epoch -> [(n, means, stds)]
+        for r in with_curve:
             for c in r["curve"]:
-                by_epoch.setdefault(c["epoch"], []).append(c)
+                parts.setdefault(c["epoch"], []).append((1, c, {}))
+        for g, _ in groups.values():
+            for c in g["curve"]:
+                parts.setdefault(c["epoch"], []).append((g["n"], c, c))
+        n_all = len(with_curve) + sum(g["n"] for g, _ in groups.values())
         curve = []
-        for ep in sorted(by_epoch):
-            cs = by_epoch[ep]
-            if len(cs) != len(recs):
+        for ep in sorted(parts):
+            ps = parts[ep]
+            if sum(n for n, _, _ in ps) != n_all:
                 continue
             row = {"epoch": ep}
             for f in ("test_clean", "test_pgd", "val_pgd", "train_robust_acc"):
-                row[f], sd = _mean_std([c.get(f) for c in cs])
-                if len(recs) > 1:
-                    row[f + "_std"] = sd
+                ok = [(n, c[f], (sd.get(f + "_std") or 0.0)) for n, c, sd in ps if c.get(f) is not None]
+                if not ok:
+                    row[f] = None
+                    if n_all > 1:
+                        row[f + "_std"] = None
+                    continue
+                N = sum(n for n, _, _ in ok)
+                M = sum(n * m for n, m, _ in ok) / N
+                row[f] = M
+                if n_all > 1:
+                    ss = sum((n - 1) * s ** 2 + n * m ** 2 for n, m, s in ok) - N * M ** 2
+                    row[f + "_std"] = math.sqrt(max(ss, 0.0) / (N - 1)) if N > 1 else 0.0
             curve.append(row)
         entry["curve"] = curve
+        with_seeds = sorted([r["seed"] for r in with_curve] + [r["seed"] for _, rs in groups.values() for r in rs])
+        if len(with_seeds) != len(recs):
+            entry["curve_seeds"] = with_seeds
         if curve:
             pk = max(curve, key=lambda c: c["test_pgd"])
             entry["curve_peak"] = {"epoch": pk["epoch"], "test_pgd": pk["test_pgd"],
@@ -924,6 +957,20 @@ def render_markdown(result: dict) -> str:
     if s.get("device", "cpu") != "cpu":
         notes.append(f"Device: {s['device']} -- {result['machine']}. The same table on the CPU is in the file "
                      "without `_gpu`; GPU and CPU runs do not reproduce each other bit for bit.")
+    imp = result.get("imported") or {}
+    if imp:
+        by_file = {}
+        for k, v in imp.items():
+            by_file.setdefault((v["file"], v["sha256"][:12], v.get("commit"), v.get("machine")), []).append(k)
+        for (f, sha, com, mach), keys in by_file.items():
+            notes.append(f"Imported from an earlier results file (`--import-results`; the runs' weights were not "
+                         f"kept, their records and per-point outcomes were): {', '.join(sorted(keys))} -- from "
+                         f"`{Path(f).name}` (sha256 {sha}…), package commit {com}, {mach}.")
+        no_curve = [f"{e['label']} (seeds {', '.join(map(str, e['curve_seeds']))})" for e in methods.values()
+                    if "curve_seeds" in e]
+        if no_curve:
+            notes.append("Mean curves over the runs that kept a per-seed curve (older results files kept only "
+                         "the mean): " + ", ".join(no_curve) + ".")
     if result.get("missing"):
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
     c = result["compute_min"]
@@ -1063,6 +1110,11 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
                                                           "autoattack_stage_points")
                                    if r[w].get(f) is not None} for w in _checkpoints(r)}
                            for k, r in sorted(records.items())}
+    # every run's whole record (its per-point outcomes are under per_point): what --import-results
+    # takes back when the run directories are gone
+    result["runs"] = {k: {**{f: v for f, v in r.items() if f not in CHECKPOINTS and f != "reused"},
+                          **{w: _no_points(r[w]) for w in _checkpoints(r)}} for k, r in sorted(records.items())}
+    result["imported"] = {k: r["imported"] for k, r in sorted(records.items()) if r.get("imported")}
     base = results_dir / f"robust_overfitting_{p['tag']}"
     write_json_md(base, result, render_markdown(result))
     try:
@@ -1070,6 +1122,161 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     except Exception as exc:  # the table matters more than the figure
         print(f"warning: plot failed: {exc}", file=sys.stderr)
     return result
+
+
+# ----------------------------------------------------------------------------- import
+
+TEACHER_OVERRIDES = ("method.teacher=", "method.robust_teacher=", "method.standard_teacher=")
+
+
+def _norm_overrides(ov) -> list:
+    """Overrides with the teacher run paths cut to the run's name (a results file written with
+    another ``--out`` names the same teachers under another folder)."""
+    return [o.split("=", 1)[0] + "=" + Path(o.split("=", 1)[1]).name if o.startswith(TEACHER_OVERRIDES) else o
+            for o in ov]
+
+
+def _restore_all_points(d: dict) -> dict:
+    """A checkpoint as the table stored it (``_first_points``: cut to the table's n) with its
+    per-point outcomes on all N attacked points: back to N points (the table cuts it again)."""
+    n_all = d.get("autoattack_first_of")
+    if not n_all or len(d.get("autoattack_points") or "") != n_all:
+        return d
+    d = {k: v for k, v in d.items() if k != "autoattack_first_of"}
+    d["autoattack_n"] = n_all
+    if "autoattack_all" in d:
+        d["autoattack"] = d.pop("autoattack_all")
+    return d
+
+
+def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool = False,
+                   keep_teachers: bool = False):
+    """Finished runs from a results JSON this script wrote (e.g. the committed table), for the runs
+    of ``jobs`` that have no record in their own directory -- run directories do not outlive a
+    machine, the results file does.  Returns ``(records, notes)``.
+
+    Full records (``runs`` in files written since this option exists) are taken as they are once
+    their overrides equal the job's; from older files (no ``runs``) the per-seed results and the
+    per-point outcomes are put back together after checking the file's setup against the preset
+    (their per-seed curves were not kept: such runs count in every number and CI but not in the
+    mean curve).  A run is imported only when it is complete for this invocation (AutoAttack on
+    ``p["aa_n"]`` points with the preset's suite on every checkpoint, unless ``train_only``): its
+    weights are not in the file, so nothing can be added to it.  A teacher is not imported while
+    a run that trains from its weights still has to be trained (``keep_teachers``: nothing will be
+    trained, e.g. ``--report-only``).  The data is read with ``json``
+    and checked field by field; nothing in it is executed."""
+    import hashlib
+
+    raw = Path(path).read_bytes()
+    try:
+        res = json.loads(raw)
+    except ValueError as exc:
+        raise SystemExit(f"error: --import-results {path}: not JSON ({exc})")
+    if not isinstance(res, dict) or not isinstance(res.get("per_point"), dict) or not isinstance(
+            res.get("setup"), dict):
+        raise SystemExit(f"error: --import-results {path}: not a results file of this script "
+                         "(no 'setup' / 'per_point')")
+    s = res["setup"]
+    want = {"train_subset": p["train_subset"], "val_size": p["val_size"], "test_subset": p["test_subset"],
+            "curve_n": p["curve_n"], "test_every": p["test_every"], "epochs": p["epochs"],
+            "milestones": p["milestones"], "batch_size": p["batch_size"],
+            "val_selection": p.get("val_attack", "pgd_ce"), "aa_suite": p.get("aa_suite", "standard"),
+            "device": "cpu" if not jobs else jobs[0].get("device", "cpu")}
+    bad = [f"{k}: file {s.get(k)!r}, preset {v!r}" for k, v in want.items() if s.get(k, "cpu" if k == "device"
+                                                                                      else None) != v]
+    if bad:
+        raise SystemExit(f"error: --import-results {path}: written with other settings ({'; '.join(bad)})")
+    provenance = {"file": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "commit": s.get("commit"),
+                  "machine": res.get("machine")}
+    legacy = "runs" not in res
+    # the per-run results, as dicts of the record's shape (without the per-point strings)
+    found = {}
+    if not legacy:
+        found = {k: dict(v) for k, v in res["runs"].items() if isinstance(v, dict)}
+    else:
+        spr = res.get("compute_per_run_min") or {}
+        for m, e in (res.get("methods") or {}).items():
+            if m not in METHODS or not isinstance(e, dict) or e.get("preset") != METHODS[m]:
+                continue
+            runs = e["seeds"] if "seeds" in e else [{k: e.get(k) for k in ("seed", "run_dir", "curve_peak",
+                                                                           "train_robust_acc", *CHECKPOINTS)
+                                                     if k in e}]
+            for r in runs:
+                key = _key(m, r["seed"])
+                rec = {"key": key, "method": m, "seed": r["seed"], "preset": METHODS[m], "run_dir": r.get("run_dir"),
+                       "curve": [], "curve_peak": r.get("curve_peak"),
+                       # the file kept the mean +- std curve over its seeds, not each seed's
+                       "curve_group": {"id": f"{hashlib.sha256(raw).hexdigest()[:12]}:{m}", "n": len(runs),
+                                       "curve": e.get("curve") or []},
+                       "train_robust_acc": r.get("train_robust_acc") or e.get("train_robust_acc"),
+                       "effective_decays": e.get("effective_decays", {}), "swa_start_epoch": e.get("swa_start_epoch"),
+                       "eval_model": e.get("eval_model"), "attack_bn_mode": s.get("attack_bn_mode"),
+                       "steps_per_epoch": s.get("steps_per_epoch"),
+                       "train_seconds": 60 * spr.get(key, {}).get("train", 0), "wall_train_seconds": None,
+                       "autoattack_seconds": 60 * spr.get(key, {}).get("autoattack", 0), "threads": 1,
+                       "commit": s.get("commit"), "device": s.get("device", "cpu")}
+                for w in CHECKPOINTS:
+                    if isinstance(r.get(w), dict):
+                        rec[w] = _restore_all_points({**r[w], **(res["per_point"].get(key, {}).get(w) or {})})
+                found[key] = rec
+        nat = res.get("natural_teacher")
+        key = _key("natural", TEACHER_SEED)
+        if isinstance(nat, dict) and key in res["per_point"]:
+            pts = res["per_point"][key]
+            found[key] = {"key": key, "method": "natural", "seed": TEACHER_SEED, "preset": NATURAL_PRESET,
+                          "best": {**{k: v for k, v in nat.items() if k in ("clean", "pgd20")}, **pts.get("best", {})},
+                          "final": {**nat, **pts.get("final", {})}, "curve": [],
+                          "train_seconds": 60 * spr.get(key, {}).get("train", 0), "autoattack_seconds": 0,
+                          "commit": s.get("commit"), "device": s.get("device", "cpu")}
+    records, notes = {}, []
+    for j in jobs:
+        key = j["key"]
+        rec = found.get(key)
+        if rec is None:
+            continue
+        if (Path(j["out_dir"]) / "benchmark_record.json").exists():
+            notes.append(f"{key}: its own run directory has a record; that one is used")
+            continue
+        if not legacy:
+            for w in CHECKPOINTS:
+                if isinstance(rec.get(w), dict):
+                    rec[w] = {**rec[w], **(res["per_point"].get(key, {}).get(w) or {})}
+            if _norm_overrides(rec.get("overrides") or []) != _norm_overrides(j["overrides"]):
+                notes.append(f"{key}: trained with other overrides in {path}; not imported")
+                continue
+        else:
+            ov = [o for o in j["overrides"] if not o.startswith(("train.seed=",) + TEACHER_OVERRIDES)]
+            if s.get("overrides") != ov or rec.get("preset") != j["preset"]:
+                notes.append(f"{key}: other overrides or preset in {path}; not imported")
+                continue
+            rec["overrides"] = list(j["overrides"])
+        if rec.get("method") != j["method"] or rec.get("seed") != j["seed"]:
+            notes.append(f"{key}: the file's run is another method or seed; not imported")
+            continue
+        checks = [w for w in _checkpoints(rec)]
+        if not all(isinstance(rec.get(w), dict) and rec[w].get("pgd20_points") for w in ("best", "final")):
+            notes.append(f"{key}: no per-point PGD-20 outcomes in {path}; not imported")
+            continue
+        if j["method"] != "natural" and not train_only and not all(
+                rec[w].get("autoattack") is not None and _covers(rec[w], p["aa_n"])
+                and rec[w].get("autoattack_suite", "standard") == p.get("aa_suite", "standard")
+                and rec[w].get("autoattack_points") for w in checks):
+            notes.append(f"{key}: not attacked on {p['aa_n']} points in {path} (its weights are not in the file); "
+                         "not imported")
+            continue
+        # (a run the file had imported itself keeps where it came from: the file it was trained for)
+        rec["imported"] = rec.get("imported") or {**provenance, "legacy": legacy}
+        records[key] = rec
+    # a teacher's weights are needed while a run that trains from them still has to be trained
+    for j in ([] if keep_teachers else jobs):
+        if j["key"] not in records and not (Path(j["out_dir"]) / "benchmark_record.json").exists():
+            for d in j["deps"]:
+                if records.pop(d, None) is not None:
+                    notes.append(f"{d}: not imported -- {j['key']} trains from its weights, so it is trained again")
+    if records:
+        notes.append(f"imported {len(records)} finished runs from {path} (sha256 {provenance['sha256'][:12]}, "
+                     f"commit {provenance['commit']}): {', '.join(sorted(records))}")
+    return records, notes
 
 
 # ----------------------------------------------------------------------------- main
@@ -1116,13 +1323,18 @@ def main(argv=None) -> int:
     ap.add_argument("--aa-checkpoints", nargs="+", choices=CHECKPOINTS, default=list(CHECKPOINTS),
                     help="which checkpoints AutoAttack scores (default all; best_pgd_ce costs one more "
                          "AutoAttack where CE validation picked another epoch)")
-    ap.add_argument("--order", choices=("seed", "method"), default="seed",
+    ap.add_argument("--order", choices=("seed", "method", "round"), default="seed",
                     help="seed: the first seed of every method first (default); method: all seeds of a "
-                         "method before the next one, in the order of --methods")
+                         "method before the next one, in the order of --methods; round: seed by seed, every "
+                         "method's k-th seed before any (k+1)-th (adding seeds: a cut-off leaves whole rounds)")
     ap.add_argument("--train-only", action="store_true", help="train and score with PGD-20; no AutoAttack")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: training, PGD and AutoAttack "
                     "run there; off the CPU the results are tagged _gpu (robust_overfitting_<tag>_gpu.*) and the "
                     "runs go to <preset>-gpu, beside the CPU ones")
+    ap.add_argument("--import-results", type=Path, nargs="+", default=[], metavar="JSON",
+                    help="finished runs from results files this script wrote (e.g. the committed table), "
+                         "for the runs whose directories are gone; each is imported only when complete and "
+                         "trained with the same settings (see import_results)")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     err = check_device(args.device)
@@ -1154,6 +1366,18 @@ def main(argv=None) -> int:
 
     jobs = build_jobs(args.methods, args.seeds, p, args.out, args.data_root, args.aa_checkpoints, args.order,
                       args.device)
+    for f in args.import_results:
+        if not f.is_file():
+            print(f"error: --import-results {f}: no such file", file=sys.stderr)
+            return 2
+    imported = {}
+    for f in args.import_results:   # the first file that has a run wins
+        recs, notes = import_results(f, jobs, p, args.out, train_only=args.train_only,
+                                     keep_teachers=args.report_only)
+        for n in notes:
+            print(f"import: {n}")
+        for k, r in recs.items():
+            imported.setdefault(k, r)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"{len(jobs)} runs -> {args.out}; results -> {results_dir}", flush=True)
@@ -1168,6 +1392,8 @@ def main(argv=None) -> int:
                 rec = json.loads(f.read_text())
                 if rec.get("overrides") == j["overrides"]:
                     records[j["key"]] = rec
+        for k, r in imported.items():
+            records.setdefault(k, r)
         missing = [f"train:{j['key']}" for j in jobs if j["key"] not in records] + \
             [f"aa:{j['key']}" for j in jobs if j["key"] in records and j["method"] != "natural"
              and (records[j["key"]]["final"].get("autoattack") is None
@@ -1177,12 +1403,12 @@ def main(argv=None) -> int:
         print(render_markdown(result))
         return 0
 
-    records, failed, running = {}, {}, {}
+    records, failed, running = dict(imported), {}, {}
     # tasks: (phase, job).  Training first, by priority; AutoAttack (not for the natural teacher) after
     # the training of the same run, and -- when --train-deadline-min is given -- the AA tasks take
     # precedence once that time has passed, so the most important rows get AutoAttack in time.
-    pending = [("train", j) for j in jobs] + \
-        ([] if args.train_only else [("aa", j) for j in jobs if j["method"] != "natural"])
+    pending = [("train", j) for j in jobs if j["key"] not in imported] + \
+        ([] if args.train_only else [("aa", j) for j in jobs if j["method"] != "natural" and j["key"] not in imported])
 
     def elapsed():
         return (time.time() - t_start) / 60
