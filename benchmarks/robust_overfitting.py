@@ -21,7 +21,12 @@ Runs execute in a pool of ``--jobs`` one-thread processes (two one-thread proces
 cores better than one two-thread process), most important first; the JSON / markdown / plot are
 rewritten after every finished run, so a partial table survives an interruption.  A finished run
 (``benchmark_record.json`` in its directory) is reused when the script is started again with the
-same ``--out``; an interrupted one is resumed from its checkpoint.
+same ``--out``; an interrupted one is resumed from its checkpoint.  Run directories do not outlive
+a machine; the results JSON does, with every run's whole record (``runs``) and per-point outcomes:
+``--import-results benchmarks/results/robust_overfitting_fmnist_long.json`` takes those finished
+runs back (checked against the preset and each run's overrides), so more seeds can be added on a
+new machine without training the old ones again -- ``--order round --seeds 0 1 ... k`` adds them
+seed by seed, every method's k-th seed before any (k+1)-th, so a cut-off leaves whole rounds.
 
 Every checkpoint's per-point outcomes (clean, PGD-20, AutoAttack, and AutoAttack after each of
 its stages: 0/1 strings under ``per_point`` in the JSON) are kept, and each method is compared
@@ -1224,7 +1229,10 @@ def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool 
         if isinstance(nat, dict) and key in res["per_point"]:
             pts = res["per_point"][key]
             found[key] = {"key": key, "method": "natural", "seed": TEACHER_SEED, "preset": NATURAL_PRESET,
-                          "best": {**{k: v for k, v in nat.items() if k in ("clean", "pgd20")}, **pts.get("best", {})},
+                          # (its best checkpoint's numbers were not kept: recomputed from its per-point outcomes)
+                          "best": {**{f: 100.0 * v.count("1") / len(v) for f, v in (
+                              ("clean", (pts.get("best") or {}).get("clean_points")),
+                              ("pgd20", (pts.get("best") or {}).get("pgd20_points"))) if v}, **pts.get("best", {})},
                           "final": {**nat, **pts.get("final", {})}, "curve": [],
                           "train_seconds": 60 * spr.get(key, {}).get("train", 0), "autoattack_seconds": 0,
                           "commit": s.get("commit"), "device": s.get("device", "cpu")}

@@ -177,3 +177,168 @@ def test_robust_overfitting_schedule_orders_skips_failures_and_takes_new_tasks(m
     ro.schedule(pending, jobs=1, ready=lambda *_: True, on_done=on_done, elapsed=lambda: 5.0, failed={},
                 running={}, deadline_min=4.0)
     assert pending == [("train", job("e"))] and len(started) == 4
+
+
+def _ro():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robust_overfitting", ROOT / "benchmarks" / "robust_overfitting.py")
+    ro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ro)
+    return ro
+
+
+def _fake_records(ro, jobs, aa_n, n_pgd, seed=0):
+    """Records of the shape _run_job writes, with random per-point outcomes (no training)."""
+    import random
+
+    rng = random.Random(seed)
+    pts = lambda n, p: "".join("1" if rng.random() < p else "0" for _ in range(n))  # noqa: E731
+    out = {}
+    for j in jobs:
+        rec = {"key": j["key"], "method": j["method"], "seed": j["seed"], "preset": j["preset"],
+               "overrides": list(j["overrides"]), "run_dir": j["out_dir"],
+               "curve": [{"epoch": e, "lr": 0.1, "test_clean": 70 + rng.random(), "test_pgd": 50 + 5 * rng.random(),
+                          "val_pgd": 55.0, "train_robust_acc": 60.0 + e} for e in (1, 2)],
+               "curve_peak": {"epoch": 2, "test_pgd": 55.0}, "train_robust_acc": {"at_best": 61.0, "last5_mean": 62.0},
+               "effective_decays": {}, "swa_start_epoch": None, "eval_model": "raw", "attack_bn_mode": "eval",
+               "steps_per_epoch": 2, "train_seconds": 60.0, "wall_train_seconds": 61.0, "autoattack_seconds": 30.0,
+               "threads": 1, "commit": "abc", "device": "cpu"}
+        for w, ep in (("best", 1), ("final", 2), ("best_pgd_ce", 2)):
+            pg, cl = pts(n_pgd, 0.55), pts(n_pgd, 0.7)
+            aa = "".join(c if rng.random() < 0.9 else "0" for c in pg[:aa_n])
+            rec[w] = {"epoch": ep, "clean": 100.0 * cl.count("1") / n_pgd, "pgd20": 100.0 * pg.count("1") / n_pgd,
+                      "clean_points": cl,
+                      "pgd20_points": pg, "autoattack": 100.0 * aa.count("1") / aa_n, "autoattack_n": aa_n,
+                      "autoattack_points": aa, "autoattack_suite": "standard", "val_pgd10": 55.0,
+                      "pgd20_aa_points": 100.0 * pg[:aa_n].count("1") / aa_n,
+                      "autoattack_per_attack": {"apgd-ce": 50.0}}
+        if j["method"] == "natural":
+            for w in ("best", "final"):
+                rec[w] = {k: v for k, v in rec[w].items() if not k.startswith("autoattack")}
+            del rec["best_pgd_ce"]
+        out[j["key"]] = rec
+    return out
+
+
+def _write(ro, tmp_path, records, jobs, p, seeds, name="res"):
+    import argparse
+
+    args = argparse.Namespace(preset="smoke", seeds=seeds, jobs=1, out=tmp_path / "runs", device="cpu")
+    ro.write_results(records, jobs, args, p, None, tmp_path / name, [])
+    return tmp_path / name / f"robust_overfitting_{p['tag']}.json"
+
+
+def _strip(rec):
+    return {k: v for k, v in rec.items() if k not in ("imported", "reused")}
+
+
+def test_robust_overfitting_import_results_round_trip_and_legacy_files(tmp_path):
+    """Run directories do not outlive a machine, the results JSON does: --import-results rebuilds
+    the records from it -- exactly from the 'runs' section, and from an older file without it (per-seed
+    results + per-point outcomes; its mean curve pooled exactly into the method's curve) -- so the
+    table, paired CIs included, comes out the same; the teachers of a run still to train are not
+    imported, nor runs without AutoAttack; another setting is refused naming the field."""
+    need("matplotlib")
+    ro = _ro()
+    p = dict(ro.PRESETS["smoke"])
+    out = tmp_path / "runs"
+    jobs = ro.build_jobs(["pgd_at", "adr", "kd_swa"], [0, 1], p, out)
+    records = _fake_records(ro, jobs, p["aa_n"], p["curve_n"])
+    f = _write(ro, tmp_path, records, jobs, p, [0, 1])
+    res = json.loads(f.read_text())
+    assert set(res["runs"]) == set(records) and not res["imported"]
+    assert all("pgd20_points" not in r["final"] for r in res["runs"].values())   # the points live in per_point
+
+    got, notes = ro.import_results(f, jobs, p, out)
+    assert set(got) == set(records), notes
+    assert all(_strip(got[k]) == records[k] for k in records)
+    assert got["adr_s1"]["imported"]["sha256"] and got["adr_s1"]["imported"]["legacy"] is False
+    f2 = _write(ro, tmp_path, got, jobs, p, [0, 1], "res2")
+    res2 = json.loads(f2.read_text())
+    assert res2["paired"] == res["paired"] and res2["per_point"] == res["per_point"]
+    assert res2["methods"] == res["methods"]
+    assert set(res2["imported"]) == set(records)
+    assert "Imported from an earlier results file" in (tmp_path / "res2" / f2.with_suffix(".md").name).read_text()
+
+    # an older file (no "runs"): rebuilt from the per-seed results; the mean curve pooled exactly
+    legacy = {k: v for k, v in res.items() if k not in ("runs", "imported")}
+    lf = tmp_path / "legacy.json"
+    lf.write_text(json.dumps(legacy))
+    got, notes = ro.import_results(lf, jobs, p, out)
+    assert set(got) == set(records), notes
+    for k, r in records.items():
+        for w in ro._checkpoints(r):
+            # (the natural teacher's best: only its outcomes were kept, its numbers follow from them)
+            keep = [x for x in r[w] if x != "autoattack_per_attack" and (
+                k != "natural_s0" or w != "best" or x in ("clean", "pgd20", "clean_points", "pgd20_points"))]
+            assert {x: got[k][w].get(x) for x in keep} == {x: r[w][x] for x in keep}, (k, w)
+    agg_new, agg_old = ro.aggregate(got, [0, 1], p["aa_n"]), ro.aggregate(records, [0, 1], p["aa_n"])
+    for m in ("pgd_at", "adr"):
+        for a, b in zip(agg_new[m]["curve"], agg_old[m]["curve"], strict=True):
+            assert a == pytest.approx(b)
+    assert ro.paired_claims(got, p["aa_n"]) == ro.paired_claims(records, p["aa_n"])
+    # with a third seed trained here, the pooled curve is the mean over all three
+    jobs3 = ro.build_jobs(["pgd_at"], [0, 1, 2], p, out)
+    got3, _ = ro.import_results(lf, jobs3, p, out)
+    r2 = _fake_records(ro, [j for j in jobs3 if j["seed"] == 2], p["aa_n"], p["curve_n"], seed=5)
+    allr = {**{k: records[k] for k in ("pgd_at_s0", "pgd_at_s1")}, **r2}
+    c_exact = ro.aggregate(allr, [0, 1, 2], p["aa_n"])["pgd_at"]["curve"]
+    c_pool = ro.aggregate({**got3, **r2}, [0, 1, 2], p["aa_n"])["pgd_at"]["curve"]
+    assert [c["test_pgd"] for c in c_pool] == pytest.approx([c["test_pgd"] for c in c_exact])
+    assert [c["test_pgd_std"] for c in c_pool] == pytest.approx([c["test_pgd_std"] for c in c_exact])
+
+    # the teachers of a run that still trains stay out (their weights are needed); a run's own record wins
+    jobs4 = ro.build_jobs(["pgd_at", "kd_swa"], [0, 1, 2], p, out)
+    got4, notes4 = ro.import_results(f, jobs4, p, out)
+    assert "pgd_at_s0" not in got4 and "natural_s0" not in got4 and "kd_swa_s0" in got4
+    assert any("kd_swa_s2 trains from its weights" in n for n in notes4)
+    assert set(ro.import_results(f, jobs4, p, out, keep_teachers=True)[0]) >= {"pgd_at_s0", "natural_s0"}
+    (out / "adr_s0").mkdir(parents=True)
+    (out / "adr_s0" / "benchmark_record.json").write_text("{}")
+    got5, notes5 = ro.import_results(f, jobs, p, out)
+    assert "adr_s0" not in got5 and any("adr_s0: its own run directory" in n for n in notes5)
+
+    # a run without AutoAttack cannot be completed from the file: not imported (train-only: it is)
+    nr = json.loads(f.read_text())
+    nr["per_point"]["adr_s1"]["final"].pop("autoattack_points")
+    nr["runs"]["adr_s1"]["final"]["autoattack"] = None
+    (tmp_path / "noaa.json").write_text(json.dumps(nr))
+    got6, notes6 = ro.import_results(tmp_path / "noaa.json", jobs, p, out)
+    assert "adr_s1" not in got6 and any("adr_s1: not attacked" in n for n in notes6)
+    assert "adr_s1" in ro.import_results(tmp_path / "noaa.json", jobs, p, out, train_only=True)[0]
+
+    # other settings, other overrides, not a results file: refused / skipped with the reason
+    other = dict(res, setup=dict(res["setup"], epochs=7))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="epochs: file 7, preset 2"):
+        ro.import_results(tmp_path / "other.json", jobs, p, out)
+    ov = json.loads(f.read_text())
+    ov["runs"]["pgd_at_s1"]["overrides"].append("optim.lr=0.5")
+    (tmp_path / "ov.json").write_text(json.dumps(ov))
+    got7, notes7 = ro.import_results(tmp_path / "ov.json", jobs, p, out)
+    assert "pgd_at_s1" not in got7 and any("pgd_at_s1: trained with other overrides" in n for n in notes7)
+    (tmp_path / "junk.json").write_text('{"a": 1}')
+    with pytest.raises(SystemExit, match="not a results file"):
+        ro.import_results(tmp_path / "junk.json", jobs, p, out)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="not JSON"):
+        ro.import_results(tmp_path / "bad.json", jobs, p, out)
+
+
+def test_robust_overfitting_round_order_and_missing_import_file(tmp_path):
+    ro = _ro()
+    p = dict(ro.PRESETS["smoke"])
+    keys = [j["key"] for j in ro.build_jobs(["ltd", "trades", "pgd_at", "kd_swa"], [0, 1], dict(p, multi_seed=[
+        "pgd_at", "kd_swa", "trades", "ltd"]), tmp_path, order="round")]
+    # seed by seed; within a seed the claim rows first, TRADES before LTD; the teachers before all
+    assert keys == ["natural_s0", "pgd_at_s0", "kd_swa_s0", "trades_s0", "ltd_s0",
+                    "pgd_at_s1", "kd_swa_s1", "trades_s1", "ltd_s1"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "robust_overfitting.py"), "--preset", "smoke", "--methods",
+           "pgd_at", "--import-results", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r"),
+           "--results-dir", str(tmp_path / "res")]
+    if not Path(FASHION_MNIST_ROOT).exists():
+        pytest.skip("Fashion-MNIST not installed (checked before the import file)")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "nope.json: no such file" in proc.stderr
+    assert not (tmp_path / "r").exists()
