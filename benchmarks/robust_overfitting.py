@@ -157,7 +157,7 @@ def _key(method: str, seed: int) -> str:
 
 
 def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoints=CHECKPOINTS,
-               order: str = "seed", device: str = "cpu") -> list[dict]:
+               order: str = "seed", device: str = "cpu", seeds_of: Optional[dict] = None) -> list[dict]:
     """The runs to do, in priority order, each with its dependencies (teacher runs).
 
     ``order="seed"``: the first seed of every method (by PRIORITY), then the further seeds;
@@ -167,12 +167,16 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoint
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``): where training, PGD and AutoAttack run.  Off the CPU
     the runs also get ``train.device`` and ``train.deterministic=true`` overrides, so a GPU run's
-    record never passes for a CPU one (the CPU overrides are unchanged: earlier runs are reused)."""
+    record never passes for a CPU one (the CPU overrides are unchanged: earlier runs are reused).
+
+    ``seeds_of`` (method -> seeds): those methods' seeds instead of ``seeds`` (e.g. more seeds for
+    the rows the claims are about than for the rest)."""
     wanted = list(methods)
     multi = p.get("multi_seed", MULTI_SEED)
     need = []   # (method, seed)
+    seeds_of = seeds_of or {}
     for m in wanted:
-        for s in (seeds if m in multi else seeds[:1]):
+        for s in seeds_of.get(m) or (seeds if m in multi else seeds[:1]):
             need.append((m, s))
     # teachers
     if any(m in ("kd_swa", "ltd") for m, _ in need):
@@ -189,7 +193,8 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoint
         rank.setdefault("pgd_at", -1)
         need.sort(key=lambda ms: (rank[ms[0]], ms[1]))
     elif order == "round":   # seed by seed: every method's k-th seed before any (k+1)-th one
-        pos = {s: i for i, s in enumerate(seeds)}
+        pos = {s: i for i, s in enumerate(dict.fromkeys(list(seeds) + sorted(
+            s for ss in seeds_of.values() for s in ss)))}
         need.sort(key=lambda ms: (0 if ms[0] == "natural" else pos.get(ms[1], 0), ROUND_PRIORITY.index(ms[0]), ms[1]))
     elif order == "seed":
         need.sort(key=lambda ms: (ms[1] != first and ms[1] != TEACHER_SEED, PRIORITY.index(ms[0]), ms[1]))
@@ -818,8 +823,9 @@ def render_markdown(result: dict) -> str:
                  f"epoch. Clean and PGD-20 on the first {s['curve_n']} images of a fixed stratified test subset; "
                  f"AA columns: {s['autoattack']}, on the first **n = {s['autoattack_n']}** of them "
                  f"(standard error ≈ ±{100 * math.sqrt(0.25 / s['autoattack_n']):.1f} points at 50 %). "
-                 f"Methods marked (k seeds) show mean ± std over seeds {s['seeds']}; the others are seed "
-                 f"{s['seeds'][0]} only. Diff = final − best (negative: robust overfitting). All numbers in %.")
+                 f"Methods marked (k seeds) show mean ± std over seeds {s['seeds']}"
+                 + "".join(f", {LABELS[m]} over {v}" for m, v in (s.get("seeds_of") or {}).items() if m in methods)
+                 + f" (those finished: the paired table lists them); the others are seed {s['seeds'][0]} only. Diff = final − best (negative: robust overfitting). All numbers in %.")
     lines.append("")
     lines.append("| Method | AA best | AA final | AA diff | Clean best | Clean final | Clean diff | "
                  "PGD-20 best | PGD-20 final | PGD-20 diff | best epoch |")
@@ -1091,6 +1097,7 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
         "autoattack": AA_SUITES[p.get("aa_suite", "standard")] if not p["aa_params"]
         else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
         "autoattack_n": p["aa_n"], "seeds": args.seeds, "multi_seed_methods": list(multi),
+        "seeds_of": getattr(args, "seeds_of", None) or {},
         "jobs": args.jobs, "threads_per_job": 1, "out": str(args.out), "device": device,
         "presets": {n: METHODS[n] for n in methods}, "teacher_preset": NATURAL_PRESET,
         "overrides": [o for o in (jobs[0]["overrides"] if jobs else []) if not o.startswith("train.seed")],
@@ -1343,6 +1350,9 @@ def main(argv=None) -> int:
                     help="finished runs from results files this script wrote (e.g. the committed table), "
                          "for the runs whose directories are gone; each is imported only when complete and "
                          "trained with the same settings (see import_results)")
+    ap.add_argument("--seeds-of", nargs="+", default=[], metavar="METHOD=SEEDS",
+                    help="other seeds for some methods, e.g. trades=0,1,2 ltd=0,1,2 (more seeds for the claim "
+                         "rows than for the rest)")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     err = check_device(args.device)
@@ -1357,6 +1367,16 @@ def main(argv=None) -> int:
         p["aa_n"] = args.aa_n
     args.jobs = args.jobs or p["jobs"]
     args.seeds = args.seeds or p["seeds"]
+    seeds_of = {}
+    for spec in args.seeds_of:
+        m, _, ss = spec.partition("=")
+        try:
+            seeds_of[m] = [int(x) for x in ss.split(",") if x.strip()]
+        except ValueError:
+            seeds_of[m] = []
+        if m not in METHODS or not seeds_of[m] or "=" not in spec:
+            ap.error(f"--seeds-of {spec!r}: expected METHOD=SEED,SEED,... with METHOD one of {', '.join(METHODS)}")
+    args.seeds_of = seeds_of
     args.out = (args.out or Path("runs") / "robust_overfitting" /
                 (args.preset + ("-gpu" if args.device != "cpu" else ""))).resolve()
     results_dir = args.results_dir or (REPO / "benchmarks" / "results" if args.preset != "smoke" else args.out)
@@ -1373,7 +1393,7 @@ def main(argv=None) -> int:
         return 2
 
     jobs = build_jobs(args.methods, args.seeds, p, args.out, args.data_root, args.aa_checkpoints, args.order,
-                      args.device)
+                      args.device, seeds_of)
     for f in args.import_results:
         if not f.is_file():
             print(f"error: --import-results {f}: no such file", file=sys.stderr)

@@ -334,6 +334,14 @@ def test_robust_overfitting_round_order_and_missing_import_file(tmp_path):
     # seed by seed; within a seed the claim rows first, TRADES before LTD; the teachers before all
     assert keys == ["natural_s0", "pgd_at_s0", "kd_swa_s0", "trades_s0", "ltd_s0",
                     "pgd_at_s1", "kd_swa_s1", "trades_s1", "ltd_s1"]
+    # --seeds-of: more seeds for some rows than for the others, still seed by seed
+    keys = [j["key"] for j in ro.build_jobs(["pgd_at", "trades"], [0, 1, 2], dict(p, multi_seed=["pgd_at", "trades"]),
+                                            tmp_path, order="round", seeds_of={"trades": [0]})]
+    assert keys == ["pgd_at_s0", "trades_s0", "pgd_at_s1", "pgd_at_s2"]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robust_overfitting.py"), "--preset", "smoke",
+                          "--seeds-of", "trades=0,x", "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "--seeds-of 'trades=0,x': expected METHOD=SEED,SEED" in bad.stderr
     cmd = [sys.executable, str(ROOT / "benchmarks" / "robust_overfitting.py"), "--preset", "smoke", "--methods",
            "pgd_at", "--import-results", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r"),
            "--results-dir", str(tmp_path / "res")]
