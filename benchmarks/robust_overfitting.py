@@ -538,7 +538,7 @@ def _first_points(d: dict, aa_n: int) -> dict:
     on the AutoAttack points recomputed from the per-point outcomes.  (AutoAttack treats points
     independently, but its random starts are drawn per batch, so these equal an attack on aa_n
     points in distribution, not bit for bit; AutoAttack's per-stage numbers are not known for the
-    subset and are dropped; the per-stage per-point outcomes are cut like the final ones.)"""
+    subset: recomputed from the per-stage per-point outcomes where those were kept, else dropped.)"""
     from paired_stats import as_points
 
     aa = d["autoattack_points"][:aa_n]
@@ -550,6 +550,10 @@ def _first_points(d: dict, aa_n: int) -> dict:
                 "autoattack_all": d.get("autoattack")})
     if d.get("autoattack_stage_points"):
         out["autoattack_stage_points"] = {k: v[:aa_n] for k, v in d["autoattack_stage_points"].items()}
+        # robust accuracy after each stage, from AutoAttack's own per-point flags of that stage
+        # (what its per-attack numbers are on all points), for the first aa_n points
+        out["autoattack_per_attack"] = {k: 100.0 * float(as_points(v).mean())
+                                        for k, v in out["autoattack_stage_points"].items() if k != "clean"}
     return out
 
 

@@ -86,8 +86,8 @@ def test_robust_overfitting_table_never_mixes_autoattack_sample_sizes():
 
 def test_robust_overfitting_more_points_serve_a_smaller_table_with_their_first_points():
     """A checkpoint attacked on 8 points with its per-point outcomes kept serves a table at n = 4:
-    AutoAttack and PGD-20-on-the-AA-points recomputed from the first 4 outcomes, the per-stage
-    numbers (unknown for the subset) dropped; without per-point outcomes it is dropped instead,
+    AutoAttack, PGD-20-on-the-AA-points and the per-stage numbers recomputed from the first 4
+    outcomes (per-stage numbers dropped where no per-stage outcomes were kept); without per-point outcomes it is dropped instead,
     and the AutoAttack phase does not redo it (``_covers``)."""
     import importlib.util
 
@@ -103,8 +103,12 @@ def test_robust_overfitting_more_points_serve_a_smaller_table_with_their_first_p
     b = out["best"]
     assert b["autoattack"] == 75.0 and b["autoattack_points"] == "1101" and b["autoattack_n"] == 4
     assert b["pgd20_aa_points"] == 100.0 and b["autoattack_first_of"] == 8 and b["autoattack_all"] == 50.0
-    assert "autoattack_per_attack" not in b and b["pgd20"] == 60.0
+    assert b["pgd20"] == 60.0
     assert b["autoattack_stage_points"] == {"clean": "1111", "apgd-ce": "1101", "apgd-t": "1101"}
+    # per-stage accuracies on the first 4 points, from the per-stage outcomes (not the 8-point numbers)
+    assert b["autoattack_per_attack"] == {"apgd-ce": 75.0, "apgd-t": 75.0}
+    no_stages = {k: v for k, v in big.items() if k != "autoattack_stage_points"}
+    assert "autoattack_per_attack" not in ro._aa_at_n({"best": no_stages}, 4)["best"]
     assert "autoattack" not in out["final"] and out["final"]["pgd20"] == 60.0
     assert ro._covers(big, 4) and ro._covers(big, 8) and not ro._covers(big, 9)
     assert not ro._covers(rec["final"], 4)
