@@ -981,11 +981,27 @@ def render_markdown(result: dict) -> str:
             notes.append(f"Imported from an earlier results file (`--import-results`; the runs' weights were not "
                          f"kept, their records and per-point outcomes were): {', '.join(sorted(keys))} -- from "
                          f"`{Path(f).name}` (sha256 {sha}…), package commit {com}, {mach}.")
+        students = sorted(k for k in imp if k.rsplit("_s", 1)[0] in ("kd_swa", "ltd"))
+        retrained = s.get("teachers_trained_here") or []
+        if students and retrained:
+            notes.append(f"Teachers: the imported students ({', '.join(students)}) learned from the teachers of "
+                         f"the file they came from; {', '.join(retrained)} were trained again here (their weights "
+                         "were needed) and teach the students trained here -- same settings and seed, but CPU "
+                         "training does not repeat bit for bit across machines and torch versions.")
         no_curve = [f"{e['label']} (seeds {', '.join(map(str, e['curve_seeds']))})" for e in methods.values()
                     if "curve_seeds" in e]
         if no_curve:
             notes.append("Mean curves over the runs that kept a per-seed curve (older results files kept only "
                          "the mean): " + ", ".join(no_curve) + ".")
+    for k, pr in (result.get("repeat_runs") or {}).items():
+        h, i = pr["here"], pr["imported"]
+        f = lambda d, x: "–" if d.get(x) is None else f"{d[x]:.1f}"  # noqa: E731
+        notes.append(f"Repeatability: {k} was trained twice with the same settings and seed -- the table uses the "
+                     f"imported run ({i['machine']}); trained again here ({h['machine']}) as a teacher: AA best "
+                     f"{f(h['best'], 'autoattack')} (epoch {h['best'].get('epoch')}) → final "
+                     f"{f(h['final'], 'autoattack')}, PGD-20 {f(h['best'], 'pgd20')} → {f(h['final'], 'pgd20')}, vs "
+                     f"imported AA {f(i['best'], 'autoattack')} (epoch {i['best'].get('epoch')}) → "
+                     f"{f(i['final'], 'autoattack')}, PGD-20 {f(i['best'], 'pgd20')} → {f(i['final'], 'pgd20')}.")
     if result.get("missing"):
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
     c = result["compute_min"]
@@ -1080,7 +1096,9 @@ def machine_string(device: str = "cpu") -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
-def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()):
+def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=(), shadowed=None):
+    """The JSON / markdown / plot.  ``shadowed``: runs trained here whose imported record the table
+    uses instead (``--prefer-imported``): both are compared in a note (repeatability)."""
     from rb_labelrefine.config import load_config
 
     cfg = load_config(METHODS["pgd_at"], jobs[0]["overrides"] if jobs else [])
@@ -1102,6 +1120,10 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
         else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
         "autoattack_n": p["aa_n"], "seeds": args.seeds, "multi_seed_methods": list(multi),
         "seeds_of": getattr(args, "seeds_of", None) or {},
+        # teachers whose run directory is here (trained on this machine), for the students imported
+        "teachers_trained_here": [j["key"] for j in jobs if j["key"] in (
+            _key("pgd_at", TEACHER_SEED), _key("natural", TEACHER_SEED))
+            and (Path(j["out_dir"]) / "benchmark_record.json").exists()],
         "jobs": args.jobs, "threads_per_job": 1, "out": str(args.out), "device": device,
         "presets": {n: METHODS[n] for n in methods}, "teacher_preset": NATURAL_PRESET,
         "overrides": [o for o in (jobs[0]["overrides"] if jobs else []) if not o.startswith("train.seed")],
@@ -1131,6 +1153,16 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     result["runs"] = {k: {**{f: v for f, v in r.items() if f not in CHECKPOINTS and f != "reused"},
                           **{w: _no_points(r[w]) for w in _checkpoints(r)}} for k, r in sorted(records.items())}
     result["imported"] = {k: r["imported"] for k, r in sorted(records.items()) if r.get("imported")}
+    # the same run (settings, seed) trained twice: here and on the machine of the imported record
+    result["repeat_runs"] = {}
+    for k, here in sorted((shadowed or {}).items()):
+        if k in records:
+            pair = {}
+            for tag, r in (("here", _aa_at_n(here, p["aa_n"])), ("imported", _aa_at_n(records[k], p["aa_n"]))):
+                pair[tag] = {w: {f: r[w].get(f) for f in ("epoch", "clean", "pgd20", "autoattack")}
+                             for w in ("best", "final") if w in r}
+                pair[tag]["machine"] = (r.get("imported") or {}).get("machine") or machine_string(device)
+            result["repeat_runs"][k] = pair
     base = results_dir / f"robust_overfitting_{p['tag']}"
     write_json_md(base, result, render_markdown(result))
     try:
@@ -1166,7 +1198,7 @@ def _restore_all_points(d: dict) -> dict:
 
 
 def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool = False,
-                   keep_teachers: bool = False):
+                   keep_teachers: bool = False, prefer=()):
     """Finished runs from a results JSON this script wrote (e.g. the committed table), for the runs
     of ``jobs`` that have no record in their own directory -- run directories do not outlive a
     machine, the results file does.  Returns ``(records, notes)``.
@@ -1179,7 +1211,8 @@ def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool 
     ``p["aa_n"]`` points with the preset's suite on every checkpoint, unless ``train_only``): its
     weights are not in the file, so nothing can be added to it.  A teacher is not imported while
     a run that trains from its weights still has to be trained (``keep_teachers``: nothing will be
-    trained, e.g. ``--report-only``).  The data is read with ``json``
+    trained, e.g. ``--report-only``); ``prefer``: run keys imported even where their own directory
+    has a record (``--prefer-imported``).  The data is read with ``json``
     and checked field by field; nothing in it is executed."""
     import hashlib
 
@@ -1253,7 +1286,7 @@ def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool 
         rec = found.get(key)
         if rec is None:
             continue
-        if (Path(j["out_dir"]) / "benchmark_record.json").exists():
+        if (Path(j["out_dir"]) / "benchmark_record.json").exists() and key not in prefer:
             notes.append(f"{key}: its own run directory has a record; that one is used")
             continue
         if not legacy:
@@ -1357,6 +1390,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds-of", nargs="+", default=[], metavar="METHOD=SEEDS",
                     help="other seeds for some methods, e.g. trades=0,1,2 ltd=0,1,2 (more seeds for the claim "
                          "rows than for the rest)")
+    ap.add_argument("--prefer-imported", nargs="+", default=[], metavar="RUN",
+                    help="with --report-only: for these runs (e.g. pgd_at_s0) the table uses the imported record "
+                         "even where a run directory here has one (a teacher trained again for its weights); "
+                         "both are compared in a note")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     err = check_device(args.device)
@@ -1370,6 +1407,9 @@ def main(argv=None) -> int:
             ap.error(f"--aa-n must be between 1 and the preset's test subset ({p['test_subset']}), got {args.aa_n}")
         p["aa_n"] = args.aa_n
     args.jobs = args.jobs or p["jobs"]
+    if args.prefer_imported and not (args.report_only and args.import_results):
+        ap.error("--prefer-imported goes with --report-only and --import-results (while training, a run's own "
+                 "record is the one its students and AutoAttack see)")
     args.seeds = args.seeds or p["seeds"]
     seeds_of = {}
     for spec in args.seeds_of:
@@ -1405,7 +1445,7 @@ def main(argv=None) -> int:
     imported = {}
     for f in args.import_results:   # the first file that has a run wins
         recs, notes = import_results(f, jobs, p, args.out, train_only=args.train_only,
-                                     keep_teachers=args.report_only)
+                                     keep_teachers=args.report_only, prefer=args.prefer_imported)
         for n in notes:
             print(f"import: {n}")
         for k, r in recs.items():
@@ -1424,14 +1464,18 @@ def main(argv=None) -> int:
                 rec = json.loads(f.read_text())
                 if rec.get("overrides") == j["overrides"]:
                     records[j["key"]] = rec
+        shadowed = {}
         for k, r in imported.items():
+            if k in records and k in args.prefer_imported:
+                shadowed[k] = records[k]
+                records[k] = r
             records.setdefault(k, r)
         missing = [f"train:{j['key']}" for j in jobs if j["key"] not in records] + \
             [f"aa:{j['key']}" for j in jobs if j["key"] in records and j["method"] != "natural"
              and (records[j["key"]]["final"].get("autoattack") is None
                   or not _covers(records[j["key"]]["final"], p["aa_n"]))]
         # no wall clock: the runs may come from several invocations (the compute sums stay correct)
-        result = write_results(records, jobs, args, p, None, results_dir, missing)
+        result = write_results(records, jobs, args, p, None, results_dir, missing, shadowed)
         print(render_markdown(result))
         return 0
 

@@ -303,6 +303,20 @@ def test_robust_overfitting_import_results_round_trip_and_legacy_files(tmp_path)
     got5, notes5 = ro.import_results(f, jobs, p, out)
     assert "adr_s0" not in got5 and any("adr_s0: its own run directory" in n for n in notes5)
 
+    # --prefer-imported: the table keeps the imported record; the run trained here is compared in a note
+    assert "adr_s0" in ro.import_results(f, jobs, p, out, prefer=["adr_s0"])[0]
+    here = _fake_records(ro, [j for j in jobs if j["key"] == "adr_s0"], p["aa_n"], p["curve_n"], seed=9)["adr_s0"]
+    import argparse
+
+    ro.write_results(got, jobs, argparse.Namespace(preset="smoke", seeds=[0, 1], jobs=1, out=out, device="cpu"), p,
+                     None, tmp_path / "res3", [], shadowed={"adr_s0": here})
+    res3 = json.loads(next((tmp_path / "res3").glob("*.json")).read_text())
+    rr = res3["repeat_runs"]["adr_s0"]
+    assert rr["here"]["final"]["autoattack"] == here["final"]["autoattack"]
+    assert rr["imported"]["final"]["autoattack"] == records["adr_s0"]["final"]["autoattack"]
+    assert res3["paired"] == res["paired"]          # the table itself is the imported one
+    assert "Repeatability: adr_s0 was trained twice" in next((tmp_path / "res3").glob("*.md")).read_text()
+
     # a run without AutoAttack cannot be completed from the file: not imported (train-only: it is)
     nr = json.loads(f.read_text())
     nr["per_point"]["adr_s1"]["final"].pop("autoattack_points")
@@ -346,6 +360,10 @@ def test_robust_overfitting_round_order_and_missing_import_file(tmp_path):
                           "--seeds-of", "trades=0,x", "--out", str(tmp_path / "r")], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "--seeds-of 'trades=0,x': expected METHOD=SEED,SEED" in bad.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robust_overfitting.py"), "--preset", "smoke",
+                          "--prefer-imported", "pgd_at_s0", "--out", str(tmp_path / "r")], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--prefer-imported goes with --report-only and --import-results" in bad.stderr
     cmd = [sys.executable, str(ROOT / "benchmarks" / "robust_overfitting.py"), "--preset", "smoke", "--methods",
            "pgd_at", "--import-results", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r"),
            "--results-dir", str(tmp_path / "res")]
