@@ -1006,14 +1006,20 @@ def render_markdown(result: dict) -> str:
         notes.append("Not finished in this run: " + ", ".join(result["missing"]) + ".")
     c = result["compute_min"]
     notes.append(f"Compute: {c['train']:.0f} min of training and {c['autoattack']:.0f} min of AutoAttack, summed over "
-                 f"the {result['n_runs']} runs (one thread each, {s['jobs']} side by side" +
+                 f"the {result['n_runs']} runs" + (
+                     " (of which {train:.0f} / {autoattack:.0f} min for the {runs} imported runs, measured on their "
+                     "machine, named above)".format(**result["compute_min_imported"])
+                     if result.get("compute_min_imported") else "") +
+                 f" (one thread each, {s['jobs']} side by side" +
                  (f"; wall clock of the invocation that wrote this report: {result['wall_clock_min']:.0f} min, "
                   "runs reused from earlier invocations not included" if result.get("wall_clock_min") is not None
                   else "") + f"); {result['machine']}." +
                  (" Per run (train / AutoAttack, min): " + ", ".join(
                      f"{k} {v['train']:.0f} / {v['autoattack']:.0f}" for k, v in result["compute_per_run_min"].items())
                   + "." if result.get("compute_per_run_min") else "") +
-                 (f" Package commit {s['commit']}." if s.get("commit") else ""))
+                 (f" Package commit {s['commit']}." if s.get("commit") else "") +
+                 " Training minutes of a run resumed after an interruption are at least the sum of its epochs' "
+                 "step times (the validation attacks of those epochs not counted).")
     lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
@@ -1054,8 +1060,22 @@ def plot(result: dict, path: Path) -> None:
 
 def _train_s(r: dict) -> float:
     """Training seconds of a run: the trainer's own clock when the run was trained elsewhere and
-    only scored here (then the wall time of this script's train task is just the scoring)."""
-    return max(r.get("wall_train_seconds") or 0, r.get("train_seconds") or 0)
+    only scored here (then the wall time of this script's train task is just the scoring); for a
+    run resumed in another process both count only the last process, so the sum of the history's
+    per-epoch step times (every process, without the per-epoch validation) is a floor."""
+    return max(r.get("wall_train_seconds") or 0, r.get("train_seconds") or 0, r.get("history_train_seconds") or 0)
+
+
+def _add_history_seconds(records: dict) -> None:
+    """``history_train_seconds`` (sum of the epochs' ``train_time_s``) for the runs whose history is here."""
+    for r in records.values():
+        if r.get("history_train_seconds") is None and r.get("run_dir") and not r.get("imported"):
+            h = Path(r["run_dir"]) / "history.json"
+            try:
+                r["history_train_seconds"] = round(sum(float(e.get("train_time_s") or 0)
+                                                       for e in json.loads(h.read_text())), 1)
+            except (OSError, ValueError, TypeError, AttributeError):
+                pass
 
 
 def _commit() -> Optional[str]:
@@ -1104,6 +1124,7 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
     cfg = load_config(METHODS["pgd_at"], jobs[0]["overrides"] if jobs else [])
     device = getattr(args, "device", "cpu")
     multi = p.get("multi_seed", MULTI_SEED)
+    _add_history_seconds(records)
     methods = aggregate(records, args.seeds, p["aa_n"], multi)
     spe = next((r["steps_per_epoch"] for r in records.values()), None)
     setup = {
@@ -1141,6 +1162,10 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
                                           "autoattack": (r.get("autoattack_seconds") or 0) / 60}
                                       for k, r in sorted(records.items())},
               "missing": list(missing)}
+    imp_recs = [r for r in records.values() if r.get("imported")]
+    if imp_recs:   # measured on the machine of the file they came from
+        result["compute_min_imported"] = {"runs": len(imp_recs), "train": sum(_train_s(r) for r in imp_recs) / 60,
+                                          "autoattack": sum(r.get("autoattack_seconds") or 0 for r in imp_recs) / 60}
     result["claims"] = claims(methods, {"autoattack": p["aa_n"], "pgd20": p["curve_n"]})
     result["paired"] = paired_claims(records, p["aa_n"])
     # every checkpoint's per-point outcomes (0/1 strings over the first curve_n / aa_n test points)
