@@ -1222,6 +1222,32 @@ def _restore_all_points(d: dict) -> dict:
     return d
 
 
+def _malformed(rec: dict, legacy: bool = False) -> Optional[str]:
+    """Why an imported record cannot be used as one (``None``: it can): the types the table relies on."""
+    num = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    if type(rec.get("seed")) is not int or not isinstance(rec.get("method"), str):
+        return "seed / method"
+    ov = rec.get("overrides")
+    if not legacy and not (isinstance(ov, list) and all(isinstance(o, str) for o in ov)):
+        return "overrides are not a list of strings"
+    for w in _checkpoints(rec):
+        d = rec[w]
+        if not isinstance(d, dict):
+            return f"{w} is not an object"
+        for f in ("clean", "pgd20", "autoattack", "pgd20_aa_points", "epoch", "val_pgd10", "autoattack_n"):
+            if not num(d.get(f)):
+                return f"{w}.{f} is not a number"
+        stages = d.get("autoattack_stage_points")
+        if stages is not None and not isinstance(stages, dict):
+            return f"{w}.autoattack_stage_points is not an object"
+        pts = [d.get(f) for f in ("clean_points", "pgd20_points", "autoattack_points")] + list((stages or {}).values())
+        if any(v is not None and (not isinstance(v, str) or v.strip("01")) for v in pts):
+            return f"{w}: per-point outcomes are not 0/1 strings"
+    if not isinstance(rec.get("curve") or [], list) or not all(isinstance(c, dict) for c in rec.get("curve") or []):
+        return "curve"
+    return None
+
+
 def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool = False,
                    keep_teachers: bool = False, prefer=()):
     """Finished runs from a results JSON this script wrote (e.g. the committed table), for the runs
@@ -1231,14 +1257,15 @@ def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool 
     Full records (``runs`` in files written since this option exists) are taken as they are once
     their overrides equal the job's; from older files (no ``runs``) the per-seed results and the
     per-point outcomes are put back together after checking the file's setup against the preset
-    (their per-seed curves were not kept: such runs count in every number and CI but not in the
-    mean curve).  A run is imported only when it is complete for this invocation (AutoAttack on
+    (their per-seed curves were not kept: the method's mean +- std curve over those seeds is pooled
+    exactly with the other seeds' in ``aggregate``).  A run is imported only when it is complete for this invocation (AutoAttack on
     ``p["aa_n"]`` points with the preset's suite on every checkpoint, unless ``train_only``): its
     weights are not in the file, so nothing can be added to it.  A teacher is not imported while
     a run that trains from its weights still has to be trained (``keep_teachers``: nothing will be
     trained, e.g. ``--report-only``); ``prefer``: run keys imported even where their own directory
-    has a record (``--prefer-imported``).  The data is read with ``json``
-    and checked field by field; nothing in it is executed."""
+    has a record (``--prefer-imported``).  The data is read with ``json``; a run whose fields have
+    the wrong types or whose per-point outcomes are not 0/1 strings is skipped with the reason
+    (``_malformed``); nothing in it is executed, and no path in it is opened."""
     import hashlib
 
     raw = Path(path).read_bytes()
@@ -1265,45 +1292,51 @@ def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool 
     legacy = "runs" not in res
     # the per-run results, as dicts of the record's shape (without the per-point strings)
     found = {}
+    obj = lambda x: x if isinstance(x, dict) else {}  # noqa: E731   (a wrong type reads as absent)
+    pp = lambda key, w: obj(obj(res["per_point"].get(key)).get(w))  # noqa: E731
     if not legacy:
+        if not isinstance(res["runs"], dict):
+            raise SystemExit(f"error: --import-results {path}: 'runs' is not an object")
         found = {k: dict(v) for k, v in res["runs"].items() if isinstance(v, dict)}
     else:
-        spr = res.get("compute_per_run_min") or {}
-        for m, e in (res.get("methods") or {}).items():
+        spr = obj(res.get("compute_per_run_min"))
+        for m, e in obj(res.get("methods")).items():
             if m not in METHODS or not isinstance(e, dict) or e.get("preset") != METHODS[m]:
                 continue
-            runs = e["seeds"] if "seeds" in e else [{k: e.get(k) for k in ("seed", "run_dir", "curve_peak",
+            runs = e["seeds"] if isinstance(e.get("seeds"), list) else [{k: e.get(k) for k in ("seed", "run_dir", "curve_peak",
                                                                            "train_robust_acc", *CHECKPOINTS)
                                                      if k in e}]
             for r in runs:
+                if not isinstance(r, dict) or type(r.get("seed")) is not int:
+                    continue   # (skipped: the job of that seed finds nothing to import)
                 key = _key(m, r["seed"])
                 rec = {"key": key, "method": m, "seed": r["seed"], "preset": METHODS[m], "run_dir": r.get("run_dir"),
                        "curve": [], "curve_peak": r.get("curve_peak"),
                        # the file kept the mean +- std curve over its seeds, not each seed's
-                       "curve_group": {"id": f"{hashlib.sha256(raw).hexdigest()[:12]}:{m}", "n": len(runs),
+                       "curve_group": {"id": f"{provenance['sha256'][:12]}:{m}", "n": len(runs),
                                        "curve": e.get("curve") or []},
                        "train_robust_acc": r.get("train_robust_acc") or e.get("train_robust_acc"),
                        "effective_decays": e.get("effective_decays", {}), "swa_start_epoch": e.get("swa_start_epoch"),
                        "eval_model": e.get("eval_model"), "attack_bn_mode": s.get("attack_bn_mode"),
                        "steps_per_epoch": s.get("steps_per_epoch"),
-                       "train_seconds": 60 * spr.get(key, {}).get("train", 0), "wall_train_seconds": None,
-                       "autoattack_seconds": 60 * spr.get(key, {}).get("autoattack", 0), "threads": 1,
+                       "train_seconds": 60 * (obj(spr.get(key)).get("train") or 0), "wall_train_seconds": None,
+                       "autoattack_seconds": 60 * (obj(spr.get(key)).get("autoattack") or 0), "threads": 1,
                        "commit": s.get("commit"), "device": s.get("device", "cpu")}
                 for w in CHECKPOINTS:
                     if isinstance(r.get(w), dict):
-                        rec[w] = _restore_all_points({**r[w], **(res["per_point"].get(key, {}).get(w) or {})})
+                        rec[w] = _restore_all_points({**r[w], **pp(key, w)})
                 found[key] = rec
         nat = res.get("natural_teacher")
         key = _key("natural", TEACHER_SEED)
         if isinstance(nat, dict) and key in res["per_point"]:
-            pts = res["per_point"][key]
+            best = pp(key, "best")
             found[key] = {"key": key, "method": "natural", "seed": TEACHER_SEED, "preset": NATURAL_PRESET,
                           # (its best checkpoint's numbers were not kept: recomputed from its per-point outcomes)
                           "best": {**{f: 100.0 * v.count("1") / len(v) for f, v in (
-                              ("clean", (pts.get("best") or {}).get("clean_points")),
-                              ("pgd20", (pts.get("best") or {}).get("pgd20_points"))) if v}, **pts.get("best", {})},
-                          "final": {**nat, **pts.get("final", {})}, "curve": [],
-                          "train_seconds": 60 * spr.get(key, {}).get("train", 0), "autoattack_seconds": 0,
+                              ("clean", best.get("clean_points")), ("pgd20", best.get("pgd20_points")))
+                              if isinstance(v, str) and v}, **best},
+                          "final": {**nat, **pp(key, "final")}, "curve": [],
+                          "train_seconds": 60 * (obj(spr.get(key)).get("train") or 0), "autoattack_seconds": 0,
                           "commit": s.get("commit"), "device": s.get("device", "cpu")}
     records, notes = {}, []
     for j in jobs:
@@ -1317,7 +1350,12 @@ def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool 
         if not legacy:
             for w in CHECKPOINTS:
                 if isinstance(rec.get(w), dict):
-                    rec[w] = {**rec[w], **(res["per_point"].get(key, {}).get(w) or {})}
+                    rec[w] = {**rec[w], **pp(key, w)}
+        why = _malformed(rec, legacy)
+        if why:
+            notes.append(f"{key}: malformed in {path} ({why}); not imported")
+            continue
+        if not legacy:
             if _norm_overrides(rec.get("overrides") or []) != _norm_overrides(j["overrides"]):
                 notes.append(f"{key}: trained with other overrides in {path}; not imported")
                 continue
@@ -1330,7 +1368,7 @@ def import_results(path: Path, jobs: list, p: dict, out: Path, train_only: bool 
         if rec.get("method") != j["method"] or rec.get("seed") != j["seed"]:
             notes.append(f"{key}: the file's run is another method or seed; not imported")
             continue
-        checks = [w for w in _checkpoints(rec)]
+        checks = _checkpoints(rec)
         if not all(isinstance(rec.get(w), dict) and rec[w].get("pgd20_points") for w in ("best", "final")):
             notes.append(f"{key}: no per-point PGD-20 outcomes in {path}; not imported")
             continue

@@ -263,6 +263,10 @@ def test_robust_overfitting_import_results_round_trip_and_legacy_files(tmp_path)
     assert res2["paired"] == res["paired"] and res2["per_point"] == res["per_point"]
     assert res2["methods"] == res["methods"]
     assert set(res2["imported"]) == set(records)
+    # the compute of imported runs is named apart (measured on their machine)
+    assert res2["compute_min_imported"] == {"runs": len(records), "train": pytest.approx(len(records) * 61 / 60),
+                                            "autoattack": pytest.approx(len(records) * 0.5)}
+    assert "compute_min_imported" not in res
     assert "Imported from an earlier results file" in (tmp_path / "res2" / f2.with_suffix(".md").name).read_text()
 
     # an older file (no "runs"): rebuilt from the per-seed results; the mean curve pooled exactly
@@ -308,6 +312,8 @@ def test_robust_overfitting_import_results_round_trip_and_legacy_files(tmp_path)
     here = _fake_records(ro, [j for j in jobs if j["key"] == "adr_s0"], p["aa_n"], p["curve_n"], seed=9)["adr_s0"]
     import argparse
 
+    (out / "pgd_at_s0").mkdir(parents=True)      # a teacher trained here: the note on who taught whom
+    (out / "pgd_at_s0" / "benchmark_record.json").write_text("{}")
     ro.write_results(got, jobs, argparse.Namespace(preset="smoke", seeds=[0, 1], jobs=1, out=out, device="cpu"), p,
                      None, tmp_path / "res3", [], shadowed={"adr_s0": here})
     res3 = json.loads(next((tmp_path / "res3").glob("*.json")).read_text())
@@ -315,7 +321,30 @@ def test_robust_overfitting_import_results_round_trip_and_legacy_files(tmp_path)
     assert rr["here"]["final"]["autoattack"] == here["final"]["autoattack"]
     assert rr["imported"]["final"]["autoattack"] == records["adr_s0"]["final"]["autoattack"]
     assert res3["paired"] == res["paired"]          # the table itself is the imported one
-    assert "Repeatability: adr_s0 was trained twice" in next((tmp_path / "res3").glob("*.md")).read_text()
+    md3 = next((tmp_path / "res3").glob("*.md")).read_text()
+    assert "Repeatability: adr_s0 was trained twice" in md3
+    assert "Teachers: the imported students (kd_swa_s0, kd_swa_s1) learned from the teachers" in md3
+    assert "pgd_at_s0 were trained again here" in md3
+
+    # malformed runs are skipped with the reason, never half-used
+    mal = json.loads(f.read_text())
+    mal["per_point"]["adr_s1"]["final"]["pgd20_points"] = "01x1"
+    mal["runs"]["pgd_at_s1"]["final"]["autoattack"] = "55"
+    mal["runs"]["kd_swa_s1"]["overrides"] = "optim.lr=1"
+    (tmp_path / "mal.json").write_text(json.dumps(mal))
+    got8, notes8 = ro.import_results(tmp_path / "mal.json", jobs, p, out, keep_teachers=True)
+    assert not {"adr_s1", "pgd_at_s1", "kd_swa_s1"} & set(got8) and "kd_swa_s0" in got8
+    assert any("adr_s1: malformed" in n and "not 0/1 strings" in n for n in notes8)
+    assert any("pgd_at_s1: malformed" in n and "final.autoattack is not a number" in n for n in notes8)
+    assert any("kd_swa_s1: malformed" in n and "overrides" in n for n in notes8)
+    bad_runs = dict(json.loads(f.read_text()), runs=[1])
+    (tmp_path / "badruns.json").write_text(json.dumps(bad_runs))
+    with pytest.raises(SystemExit, match="'runs' is not an object"):
+        ro.import_results(tmp_path / "badruns.json", jobs, p, out)
+    leg_bad = dict(legacy, per_point=dict(legacy["per_point"], adr_s1=[1]), compute_per_run_min=[])
+    (tmp_path / "legbad.json").write_text(json.dumps(leg_bad))
+    got9, notes9 = ro.import_results(tmp_path / "legbad.json", jobs, p, out, keep_teachers=True)
+    assert "adr_s1" not in got9 and "kd_swa_s1" in got9   # no per-point outcomes: skipped, the rest is fine
 
     # a run without AutoAttack cannot be completed from the file: not imported (train-only: it is)
     nr = json.loads(f.read_text())
@@ -372,3 +401,19 @@ def test_robust_overfitting_round_order_and_missing_import_file(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "nope.json: no such file" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_robust_overfitting_train_minutes_of_a_resumed_run_cover_every_process(tmp_path):
+    """A run resumed in another process: this script's wall time and the trainer's clock count only
+    the last process; the sum of the history's per-epoch step times covers all of them."""
+    ro = _ro()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.json").write_text(json.dumps([{"epoch": e, "train_time_s": 30.0} for e in range(1, 11)]))
+    recs = {"a": {"run_dir": str(run), "wall_train_seconds": 20.0, "train_seconds": 25.0},
+            "b": {"run_dir": str(tmp_path / "gone"), "wall_train_seconds": 20.0, "train_seconds": 25.0},
+            "c": {"run_dir": str(run), "train_seconds": 25.0, "imported": {"file": "x"}}}
+    ro._add_history_seconds(recs)
+    assert ro._train_s(recs["a"]) == 300.0 and recs["a"]["history_train_seconds"] == 300.0
+    assert ro._train_s(recs["b"]) == 25.0 and "history_train_seconds" not in recs["b"]
+    assert "history_train_seconds" not in recs["c"]     # an imported run's path is not opened

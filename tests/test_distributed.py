@@ -120,10 +120,13 @@ def single_runs(tmp_path_factory):
     return root, out
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=False, reason="DDP vs one process with AWP drifts on the AMD EPYC / torch 2.14.1 machine: max 8.8e-5 "
-    "and 1.2e-3 in two runs (below 1e-5 on the Intel / torch 2.15 box); ranks still agree exactly -- open, see "
-    "issue 13's note")) if n == "sglr_wa_awp" else n for n in RUNS])
+# DDP vs one process with AWP drifts on the AMD EPYC / torch 2.14.1 machine: max 8.8e-5 and 1.2e-3 in
+# two runs (below 1e-5 on the Intel / torch 2.15 box) -- open, see issue 13's note.  The ranks must
+# still agree exactly; only the comparison with one process is an expected failure there.
+SINGLE_PROCESS_DRIFT = {"sglr_wa_awp"}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
 def test_ranks_identical_and_equal_to_single_process(name, ddp_runs, single_runs):
     root, _ = ddp_runs
     r0, r1 = (torch.load(root / f"{name}.rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -140,6 +143,8 @@ def test_ranks_identical_and_equal_to_single_process(name, ddp_runs, single_runs
     for k in ref:
         a, b = f0[k], ref[k]
         if a.is_floating_point():
+            if name in SINGLE_PROCESS_DRIFT and not torch.allclose(a, b, atol=1e-5, rtol=1e-5):
+                pytest.xfail(f"known drift of DDP vs one process with AWP: {k} max {(a - b).abs().max():.2e}")
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (k, (a - b).abs().max())
         else:
             assert torch.equal(a, b), k
