@@ -1175,8 +1175,7 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
                            for k, r in sorted(records.items())}
     # every run's whole record (its per-point outcomes are under per_point): what --import-results
     # takes back when the run directories are gone
-    result["runs"] = {k: {**{f: v for f, v in r.items() if f not in CHECKPOINTS and f != "reused"},
-                          **{w: _no_points(r[w]) for w in _checkpoints(r)}} for k, r in sorted(records.items())}
+    result["runs"] = runs_field(records)
     result["imported"] = {k: r["imported"] for k, r in sorted(records.items()) if r.get("imported")}
     # the same run (settings, seed) trained twice: here and on the machine of the imported record
     result["repeat_runs"] = {}
@@ -1200,6 +1199,13 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
 # ----------------------------------------------------------------------------- import
 
 TEACHER_OVERRIDES = ("method.teacher=", "method.robust_teacher=", "method.standard_teacher=")
+
+
+def runs_field(records: dict) -> dict:
+    """The results file's ``runs``: each run's whole record without its per-point strings (those
+    are under ``per_point``) -- what ``import_results`` takes back when the run directories are gone."""
+    return {k: {**{f: v for f, v in r.items() if f not in CHECKPOINTS and f != "reused"},
+                **{w: _no_points(r[w]) for w in _checkpoints(r)}} for k, r in sorted(records.items())}
 
 
 def _norm_overrides(ov) -> list:

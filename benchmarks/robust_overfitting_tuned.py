@@ -11,6 +11,9 @@ its base objective exactly as the first table does (paired bootstrap CIs, verdic
     python benchmarks/robust_overfitting_tuned.py --preset smoke --methods label_smoothing   # ~1 min
     python benchmarks/robust_overfitting_tuned.py --tune-only ...     # the trials and the choice only
     python benchmarks/robust_overfitting_tuned.py --report-only --preset fmnist-long --out DIR
+    python benchmarks/robust_overfitting_tuned.py ... --import-results \
+           benchmarks/results/robust_overfitting_tuned_fmnist_long.json \
+           benchmarks/results/robust_overfitting_fmnist_long.json   # run folders gone: reuse the files
 
 Protocol (fixed before any run, in ``tuning_grid.json``):
 
@@ -59,6 +62,15 @@ table's pgd_at_s0 / pgd_at_s1 train.log), so a trial is ~8.5-11 min:
   2 teachers (PGD-AT seed 0: 10-13; natural: ~5, est.)  15-18 min
   21 table runs (7 rows x 3 seeds) x (10-13 + 5)        315-380 min
   total                                                 ~500-620 CPU-min = ~4.2-5.2 h with --jobs 2
+
+Run folders do not outlive a machine; the results file does.  ``--import-results`` takes back
+finished trials (their record and validation scores -- all the selection reads; the file must have
+been written with this grid and selection key, each trial's overrides must equal the job's) and
+finished table runs (``robust_overfitting.import_results``: overrides and AutoAttack coverage
+checked) from this script's own JSON, and the base rows' table runs from the first table's JSON
+(the same runs: on 2026-12-02 the committed first table gave pgd_at_s1-s3 and trades_s1-s2, 5 of
+the 21 table runs).  A teacher is trained again only while a trial or table run still needs its
+weights.  So the table can be built over several sessions: commit the JSON, pass it next time.
 
 Copying the first table's finished ``pgd_at_s0``, ``natural_s0``, ``pgd_at_s1``, ``pgd_at_s2``,
 ``trades_s1``, ``trades_s2`` folders into the new ``--out`` first saves ~75-90 min: they are the
@@ -277,7 +289,8 @@ def _values_s(v: Optional[dict]) -> str:
     return "preset (no label knob)" if not v else ", ".join(f"{k} {x}" for k, x in v.items())
 
 
-def build_result(args, p, grid, trials, table, selections, trial_recs, table_recs, t_start, missing):
+def build_result(args, p, grid, trials, table, selections, trial_recs, table_recs, t_start, missing,
+                 trial_scores_of=None, import_notes=()):
     cfg_over = next((j["overrides"] for js in table.values() for j in js), [])
     from rb_labelrefine.config import load_config
 
@@ -298,7 +311,9 @@ def build_result(args, p, grid, trials, table, selections, trial_recs, table_rec
     setup = {
         "preset": args.preset, "dataset": "fashion_mnist", "arch": cfg.model.arch,
         "train_subset": p["train_subset"], "val_size": p["val_size"], "test_subset": p["test_subset"],
-        "curve_n": p["curve_n"], "eps": cfg.attack.eps, "alpha": cfg.attack.alpha,
+        "curve_n": p["curve_n"], "test_every": p["test_every"], "batch_size": p["batch_size"],
+        "aa_suite": p.get("aa_suite", "standard"), "device": "cpu",
+        "eps": cfg.attack.eps, "alpha": cfg.attack.alpha,
         "train_attack_steps": cfg.attack.steps, "epochs": p["epochs"], "milestones": p["milestones"],
         "val_selection": p.get("val_attack", "pgd_ce"), "selection_key": val_key(p),
         "val_attack_steps": cfg.eval.val_attack_steps,
@@ -323,6 +338,13 @@ def build_result(args, p, grid, trials, table, selections, trial_recs, table_rec
                         "autoattack": sum(r.get("autoattack_seconds") or 0 for r in recs.values()) / 60},
         "wall_clock_min": (time.time() - t_start) / 60 if t_start is not None else None,
         "missing": list(missing),
+        # what --import-results takes back when the run folders are gone: each trial's record and
+        # its validation scores (the selection), each table run's record (per-point strings above)
+        "trial_runs": {k: {"record": {f: v for f, v in r.items() if f not in ro.CHECKPOINTS and f != "reused"},
+                           "scores": (trial_scores_of or {}).get(k)} for k, r in sorted(trial_recs.items())},
+        "runs": ro.runs_field(table_recs),
+        "imported": {k: r["imported"] for k, r in sorted(recs.items()) if r.get("imported")},
+        "import_notes": list(import_notes),
     }
 
 
@@ -365,6 +387,12 @@ def render_markdown(res: dict) -> str:
              f"{c['autoattack']:.0f} min of AutoAttack ({res['n_runs']['trials']} trials, {res['n_runs']['table']} "
              f"table runs, one thread each, {s['jobs']} side by side); {res['machine']}."
              + (f" Package commit {s['commit']}." if s.get("commit") else "")]
+    imp = res.get("imported") or {}
+    if imp:
+        srcs = sorted({(v.get("sha256", "")[:12], v.get("machine") or "?") for v in imp.values()})
+        notes.append(f"{len(imp)} runs imported from results files (trained there; their minutes above were "
+                     f"measured on that machine): " + "; ".join(f"sha256 {h}, {mch}" for h, mch in srcs)
+                     + ". Imported: " + ", ".join(sorted(imp)) + ".")
     if res["missing"]:
         notes.append("Not finished: " + ", ".join(res["missing"]) + ".")
     lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
@@ -376,6 +404,61 @@ def write_report(res: dict, results_dir: Path, tag: str) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+
+def import_trials(path: Path, trials: dict, grid: dict, p: dict, key: str):
+    """Finished trials from a results file this script wrote (``trial_runs``), for the trials that
+    have no record in their own folder: ``(records, scores, notes)``.  A trial's choice needs only
+    its validation scores, which the file keeps; the file must have been written with this grid
+    (sha256) and selection key, and each trial's overrides must equal the job's.  A file without
+    ``trial_runs`` (the first table's) has no trials: nothing is taken.  Read with ``json`` only."""
+    import hashlib
+
+    raw = Path(path).read_bytes()
+    try:
+        res = json.loads(raw)
+    except ValueError as exc:
+        raise SystemExit(f"error: --import-results {path}: not JSON ({exc})")
+    if not isinstance(res, dict) or not isinstance(res.get("setup"), dict):
+        raise SystemExit(f"error: --import-results {path}: not a results file of these scripts (no 'setup')")
+    if "trial_runs" not in res:
+        return {}, {}, []
+    s = res["setup"]
+    want = {"grid_sha256": grid_sha(grid), "selection_key": key, "select_on": grid.get("select_on", "final"),
+            "train_subset": p["train_subset"], "val_size": p["val_size"], "epochs": p["epochs"],
+            "milestones": p["milestones"], "batch_size": p["batch_size"]}
+    bad = [f"{k}: file {s.get(k)!r}, here {v!r}" for k, v in want.items() if s.get(k) != v]
+    if bad:
+        raise SystemExit(f"error: --import-results {path}: its trials were run with other settings ({'; '.join(bad)})")
+    if not isinstance(res["trial_runs"], dict):
+        raise SystemExit(f"error: --import-results {path}: 'trial_runs' is not an object")
+    prov = {"file": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "commit": s.get("commit"),
+            "machine": res.get("machine")}
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    recs, scores, notes = {}, {}, []
+    for t in (t for ts in trials.values() for t in ts):
+        e = res["trial_runs"].get(t["key"])
+        if e is None:
+            continue
+        if _finished(t) is not None:
+            notes.append(f"{t['key']}: its own run folder has a record; that one is used")
+            continue
+        rec, sc = (e.get("record"), e.get("scores")) if isinstance(e, dict) else (None, None)
+        if not isinstance(rec, dict) or not isinstance(sc, dict) or not all(
+                num(sc.get(f)) for f in ("final", "best", "final_epoch", "best_epoch")):
+            notes.append(f"{t['key']}: malformed in {path} (record / validation scores); not imported")
+            continue
+        ov = rec.get("overrides")
+        if not (isinstance(ov, list) and all(isinstance(o, str) for o in ov)) or \
+                ro._norm_overrides(ov) != ro._norm_overrides(t["overrides"]) or rec.get("preset") != t["preset"]:
+            notes.append(f"{t['key']}: trained with other overrides or preset in {path}; not imported")
+            continue
+        recs[t["key"]] = {**rec, "imported": rec.get("imported") or prov}
+        scores[t["key"]] = {f: sc[f] for f in ("final", "best", "final_epoch", "best_epoch")}
+    if recs:
+        notes.append(f"imported {len(recs)} finished trials from {path} (sha256 {prov['sha256'][:12]}): "
+                     + ", ".join(sorted(recs)))
+    return recs, scores, notes
+
 
 def _finished(job: dict) -> Optional[dict]:
     f = Path(job["out_dir"]) / "benchmark_record.json"
@@ -404,6 +487,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train-only", action="store_true", help="no AutoAttack on the table runs")
     ap.add_argument("--tune-only", action="store_true",
                     help="run the trials (and their teachers) and select; no table runs yet")
+    ap.add_argument("--import-results", nargs="+", type=Path, default=[], metavar="JSON",
+                    help="finished runs from results files, for runs whose folder in --out has none (run folders "
+                         "do not outlive a machine): this script's own file (trials with their validation scores, "
+                         "table runs), or robust_overfitting.py's for the base rows' table runs")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rebuild the JSON / markdown from the finished runs in --out")
     args = ap.parse_args(argv)
@@ -449,17 +536,50 @@ def main(argv=None) -> int:
     print(f"{len(teachers)} teachers, {n_trials} trials (K = {grid['k']}), "
           f"{sum(len(v) for v in table.values())} table runs -> {args.out}; results -> {results_dir}", flush=True)
 
+    trial_scores_of, import_notes = {}, []   # validation scores of the finished trials; what the imports said
+
+    def import_table(js):
+        """Table runs of ``js`` from the --import-results files (first file first)."""
+        for f in args.import_results:
+            todo = [j for j in js if j["key"] not in table_recs]
+            if not todo:
+                break
+            recs, notes = ro.import_results(f, todo, p, args.out, train_only=args.train_only, keep_teachers=True)
+            table_recs.update(recs)
+            import_notes.extend(notes)
+
     def try_select(m):
         if m in selections or not all(t["key"] in trial_recs for t in trials[m]):
             return False
-        selections[m] = select_method([t["out_dir"] for t in trials[m]], key, select_on)
+        for t in trials[m]:     # trained here: from its own history.json; imported: the file's scores
+            if t["key"] not in trial_scores_of:
+                trial_scores_of[t["key"]] = select_method([t["out_dir"]], key, select_on)["scores"][0]
+        scores = [trial_scores_of[t["key"]] for t in trials[m]]
+        selections[m] = {"chosen": select(scores, select_on), "scores": scores, "key": key, "select_on": select_on}
         selections[m]["values"] = grid["methods"][m][selections[m]["chosen"]]
         table_jobs[m] = [with_setting(j, selections[m]["values"]) for j in table[m]]
+        import_table(table_jobs[m])   # the chosen setting's runs, if a file has them (overrides checked)
         return True
 
+    if args.report_only:   # own finished trials first, so a method mixing own and imported trials is selected
+        for ts in trials.values():
+            for t in ts:
+                if (r := _finished(t)) is not None:
+                    trial_recs[t["key"]] = r
+    for f in args.import_results:
+        recs, scores, notes = import_trials(f, trials, grid, p, key)
+        for k in recs:
+            if k not in trial_recs:
+                trial_recs[k], trial_scores_of[k] = recs[k], scores[k]
+        import_notes.extend(notes)
     for m in table:
         if m not in trials:
             table_jobs[m] = list(table[m])
+            import_table(table_jobs[m])
+    for m in trials:
+        try_select(m)
+    for n in import_notes:
+        print(f"import: {n}", flush=True)
 
     def missing_list(pending=(), running=()):
         done = set(trial_recs) | set(table_recs)
@@ -473,20 +593,14 @@ def main(argv=None) -> int:
 
     def report():
         res = build_result(args, p, grid, trials, table_jobs, selections, trial_recs, table_recs,
-                           None if args.report_only else t_start, missing_list())
+                           None if args.report_only else t_start, missing_list(), trial_scores_of, import_notes)
         write_report(res, results_dir, p["tag"])
         return res
 
     if args.report_only:
-        for ts in trials.values():
-            for t in ts:
-                if (r := _finished(t)) is not None:
-                    trial_recs[t["key"]] = r
-        for m in trials:
-            try_select(m)
         for js in table_jobs.values():
             for j in js:
-                if (r := _finished(j)) is not None:
+                if j["key"] not in table_recs and (r := _finished(j)) is not None:
                     table_recs[j["key"]] = r
         print(render_markdown(report()))
         return 0
@@ -494,9 +608,12 @@ def main(argv=None) -> int:
     done_teachers, failed, running = {}, {}, {}
     # tasks: teachers, then trials (method order), base table runs; a tuned method's table runs
     # join once its K trials are done; AutoAttack after a table run's training
-    pending = [("train", j) for j in teachers.values()] + \
-        [("trial", t) for ts in trials.values() for t in ts] + \
-        ([] if args.tune_only else [("train", j) for m, js in table_jobs.items() for j in js])
+    # (imported trials and table runs are done; a teacher trains only while a run still needs its weights)
+    todo_trials = [t for ts in trials.values() for t in ts if t["key"] not in trial_recs]
+    todo_table = [] if args.tune_only else [j for js in table_jobs.values() for j in js if j["key"] not in table_recs]
+    needed = {d for j in todo_trials + todo_table for d in j["deps"]}
+    pending = [("train", j) for j in teachers.values() if j["key"] in needed] + \
+        [("trial", t) for t in todo_trials] + [("train", j) for j in todo_table]
 
     def elapsed():
         return (time.time() - t_start) / 60
@@ -512,16 +629,16 @@ def main(argv=None) -> int:
         if phase == "trial":
             trial_recs[j["key"]] = rec
             m = j["method"]
+            trial_scores_of[j["key"]] = trial_scores(json.loads((Path(j["out_dir"]) / "history.json").read_text()), key)
             print(f"[{elapsed():5.1f} min] trial {j['key']} {_values_s(j['values'])}: final val "
-                  f"{key} {trial_scores(json.loads((Path(j['out_dir']) / 'history.json').read_text()), key)['final']:.1f}"
-                  f"{reused}", flush=True)
+                  f"{key} {trial_scores_of[j['key']]['final']:.1f}{reused}", flush=True)
             if try_select(m):
                 sel = selections[m]
                 print(f"[{elapsed():5.1f} min] selected {m}: trial {sel['chosen']} "
                       f"({_values_s(sel['values'])}), {select_on}-epoch {key} "
                       f"{sel['scores'][sel['chosen']][select_on]:.1f}", flush=True)
                 if not args.tune_only:
-                    pending.extend(("train", jj) for jj in table_jobs[m])
+                    pending.extend(("train", jj) for jj in table_jobs[m] if jj["key"] not in table_recs)
         elif j["key"] in teachers and phase == "train":
             done_teachers[j["key"]] = rec
             print(f"[{elapsed():5.1f} min] teacher {j['key']} done{reused}", flush=True)

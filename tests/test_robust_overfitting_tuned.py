@@ -152,6 +152,41 @@ def test_tuned_smoke_selects_runs_reports_and_resumes(tmp_path):
     assert proc.stdout.count("(reused)") == 4 + 2 + 2     # 4 trials, 2 table runs, their AutoAttack
     assert {f: f.stat().st_mtime_ns for f in recs} == before
 
+    # run folders gone (a new machine): --import-results rebuilds the same table from the results
+    # file alone -- trials with their validation scores, table runs with their per-point outcomes
+    saved = tmp_path / "saved.json"
+    saved.write_bytes((res_dir / "robust_overfitting_tuned_smoke.json").read_bytes())
+    out3, res3 = tmp_path / "runs_new", tmp_path / "res3"
+    cmd3 = [sys.executable, str(SCRIPT), "--preset", "smoke", "--methods", "label_smoothing", "--jobs", "1",
+            "--out", str(out3), "--results-dir", str(res3), "--import-results", str(saved)]
+    proc = subprocess.run(cmd3, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "imported 4 finished trials" in proc.stdout and "start " not in proc.stdout
+    assert not list(out3.rglob("benchmark_record.json"))          # nothing trained, nothing attacked
+    r3 = json.loads((res3 / "robust_overfitting_tuned_smoke.json").read_text())
+    assert sorted(r3["imported"]) == sorted(recs_key.parent.name for recs_key in recs)
+    for k in ("selection", "paired", "per_point"):
+        assert r3[k] == res[k], k
+    assert {m: {w: e[w] for w in ("best", "final", "seeds_used", "setting")} for m, e in r3["methods"].items()} == \
+        {m: {w: e[w] for w in ("best", "final", "seeds_used", "setting")} for m, e in res["methods"].items()}
+    assert "6 runs imported" in (res3 / "robust_overfitting_tuned_smoke.md").read_text()
+    # the trials of another grid are refused, naming the field; a malformed trial is skipped with the reason
+    bad = json.loads(saved.read_text())
+    bad["setup"]["grid_sha256"] = "0" * 64
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    proc = subprocess.run(cmd3[:-1] + [str(tmp_path / "bad.json"), "--report-only"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "grid_sha256" in proc.stderr
+    bad = json.loads(saved.read_text())
+    k0 = sorted(bad["trial_runs"])[0]
+    bad["trial_runs"][k0]["scores"]["final"] = "high"
+    (tmp_path / "bad2.json").write_text(json.dumps(bad))
+    proc = subprocess.run(cmd3[:-1] + [str(tmp_path / "bad2.json"), "--report-only"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and f"{k0}: malformed" in proc.stdout
+    r4 = json.loads((res3 / "robust_overfitting_tuned_smoke.json").read_text())
+    assert "label_smoothing" not in r4["selection"] and any(x.startswith("trial:") for x in r4["missing"])
+
     # the grid is fixed once runs exist: another one is refused
     other = json.loads((ROOT / "benchmarks" / "tuning_grid.json").read_text())
     other["methods"]["label_smoothing"][3] = {"smoothing": 0.3}
