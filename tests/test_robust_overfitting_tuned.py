@@ -219,3 +219,35 @@ def test_tuned_smoke_selects_runs_reports_and_resumes(tmp_path):
     val = lambda h: [{k: v for k, v in r.items() if k.startswith("val_")} for r in h]  # noqa: E731
     assert [val(h) for h in h1] == [val(h) for h in h2]
     assert [[r.get("test_clean") for r in h] for h in h1] != [[r.get("test_clean") for r in h] for h in h2]
+
+
+def test_import_trials_checks_the_grid_the_overrides_and_the_scores(tmp_path):
+    """--import-results for trials, without training: a trial is taken with its validation scores
+    only when the file's grid, selection key and the trial's overrides match this invocation."""
+    t = _module()
+    grid = t.load_grid(t.GRID_FILE)
+    p = dict(t.ro.PRESETS["fmnist-long"])
+    key = t.val_key(p)
+    _, trials, _ = t.plan(["label_smoothing"], [0, 1], p, tmp_path / "out", grid)
+    ts = trials["label_smoothing"]
+    setup = {"grid_sha256": t.grid_sha(grid), "selection_key": key, "select_on": grid["select_on"],
+             **{k: p[k] for k in ("train_subset", "val_size", "epochs", "milestones", "batch_size")}}
+    sc = {"final": 50.0, "best": 55.0, "final_epoch": 200, "best_epoch": 30}
+    runs = {tr["key"]: {"record": {"key": tr["key"], "preset": tr["preset"], "overrides": tr["overrides"],
+                                   "train_seconds": 60.0}, "scores": dict(sc, final=50.0 + i)}
+            for i, tr in enumerate(ts)}
+    runs[ts[1]["key"]]["record"]["overrides"] = ts[1]["overrides"][:-1]             # another setting
+    runs[ts[2]["key"]]["scores"]["best_epoch"] = None                              # malformed
+    f = tmp_path / "tuned.json"
+    f.write_text(json.dumps({"setup": setup, "trial_runs": runs, "machine": "m"}))
+    recs, scores, notes = t.import_trials(f, trials, grid, p, key)
+    assert sorted(recs) == sorted([ts[0]["key"], ts[3]["key"]])
+    assert scores[ts[3]["key"]]["final"] == 53.0 and recs[ts[0]["key"]]["imported"]["machine"] == "m"
+    assert any(ts[1]["key"] in n and "other overrides" in n for n in notes)
+    assert any(ts[2]["key"] in n and "malformed" in n for n in notes)
+    # a first-table file (no trial_runs) holds no trials; another selection key is refused by name
+    f.write_text(json.dumps({"setup": setup, "runs": {}}))
+    assert t.import_trials(f, trials, grid, p, key) == ({}, {}, [])
+    f.write_text(json.dumps({"setup": dict(setup, selection_key="val_pgd"), "trial_runs": runs}))
+    with pytest.raises(SystemExit, match="selection_key"):
+        t.import_trials(f, trials, grid, p, key)
