@@ -227,13 +227,29 @@ def select(scores: list[dict], select_on: str) -> int:
 
 def select_method(trial_dirs: list, key: str, select_on: str) -> dict:
     """Selection from the trials' run folders (their history.json only)."""
-    from rb_labelrefine.runs import RUN_FILES
-
-    scores = [trial_scores(json.loads((Path(d) / RUN_FILES["history"]).read_text()), key) for d in trial_dirs]
+    scores = [own_scores({"out_dir": d}, key) for d in trial_dirs]
     return {"chosen": select(scores, select_on), "scores": scores, "key": key, "select_on": select_on}
 
 
 # ----------------------------------------------------------------------------- jobs
+
+def own_scores(trial: dict, key: str) -> dict:
+    """A trial's validation scores from its own folder's history.json."""
+    from rb_labelrefine.runs import RUN_FILES
+
+    return trial_scores(json.loads((Path(trial["out_dir"]) / RUN_FILES["history"]).read_text()), key)
+
+
+def pending_tasks(teachers: dict, trials: dict, table_jobs: dict, trial_recs: dict, table_recs: dict,
+                  tune_only: bool = False) -> list:
+    """The tasks left: trials and table runs without a record (imported ones are done), and the
+    teachers a remaining trial or table run needs (a teacher is trained only for its weights)."""
+    todo_trials = [t for ts in trials.values() for t in ts if t["key"] not in trial_recs]
+    todo_table = [] if tune_only else [j for js in table_jobs.values() for j in js if j["key"] not in table_recs]
+    needed = {d for j in todo_trials + todo_table for d in j["deps"]}
+    return [("train", j) for j in teachers.values() if j["key"] in needed] + \
+        [("trial", t) for t in todo_trials] + [("train", j) for j in todo_table]
+
 
 def _trial_key(m: str, i: int, seed: int) -> str:
     return f"{m}_t{i}_s{seed}"
@@ -553,7 +569,7 @@ def main(argv=None) -> int:
             return False
         for t in trials[m]:     # trained here: from its own history.json; imported: the file's scores
             if t["key"] not in trial_scores_of:
-                trial_scores_of[t["key"]] = select_method([t["out_dir"]], key, select_on)["scores"][0]
+                trial_scores_of[t["key"]] = own_scores(t, key)
         scores = [trial_scores_of[t["key"]] for t in trials[m]]
         selections[m] = {"chosen": select(scores, select_on), "scores": scores, "key": key, "select_on": select_on}
         selections[m]["values"] = grid["methods"][m][selections[m]["chosen"]]
@@ -608,12 +624,7 @@ def main(argv=None) -> int:
     done_teachers, failed, running = {}, {}, {}
     # tasks: teachers, then trials (method order), base table runs; a tuned method's table runs
     # join once its K trials are done; AutoAttack after a table run's training
-    # (imported trials and table runs are done; a teacher trains only while a run still needs its weights)
-    todo_trials = [t for ts in trials.values() for t in ts if t["key"] not in trial_recs]
-    todo_table = [] if args.tune_only else [j for js in table_jobs.values() for j in js if j["key"] not in table_recs]
-    needed = {d for j in todo_trials + todo_table for d in j["deps"]}
-    pending = [("train", j) for j in teachers.values() if j["key"] in needed] + \
-        [("trial", t) for t in todo_trials] + [("train", j) for j in todo_table]
+    pending = pending_tasks(teachers, trials, table_jobs, trial_recs, table_recs, args.tune_only)
 
     def elapsed():
         return (time.time() - t_start) / 60
@@ -629,7 +640,7 @@ def main(argv=None) -> int:
         if phase == "trial":
             trial_recs[j["key"]] = rec
             m = j["method"]
-            trial_scores_of[j["key"]] = trial_scores(json.loads((Path(j["out_dir"]) / "history.json").read_text()), key)
+            trial_scores_of[j["key"]] = own_scores(j, key)
             print(f"[{elapsed():5.1f} min] trial {j['key']} {_values_s(j['values'])}: final val "
                   f"{key} {trial_scores_of[j['key']]['final']:.1f}{reused}", flush=True)
             if try_select(m):

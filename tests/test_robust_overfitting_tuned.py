@@ -251,3 +251,26 @@ def test_import_trials_checks_the_grid_the_overrides_and_the_scores(tmp_path):
     f.write_text(json.dumps({"setup": dict(setup, selection_key="val_pgd"), "trial_runs": runs}))
     with pytest.raises(SystemExit, match="selection_key"):
         t.import_trials(f, trials, grid, p, key)
+
+
+def test_pending_tasks_train_a_teacher_only_while_a_run_needs_it(tmp_path):
+    t = _module()
+    grid = t.load_grid(t.GRID_FILE)
+    p = dict(t.ro.PRESETS["fmnist-long"])
+    teachers, trials, table = t.plan(["kd_swa"], [0, 1], p, tmp_path / "out", grid)
+    assert teachers and all(set(tr["deps"]) <= set(teachers) for tr in trials["kd_swa"])
+    base = {m: js for m, js in table.items() if m not in trials}
+    keys = lambda tasks: [(ph, j["key"]) for ph, j in tasks]  # noqa: E731
+    every = t.pending_tasks(teachers, trials, base, {}, {})
+    assert keys(every)[:len(teachers)] == [("train", k) for k in teachers]
+    # every kd_swa trial imported and no table run left that needs them: no teacher, no trial
+    done = {tr["key"]: {} for tr in trials["kd_swa"]}
+    rest = t.pending_tasks(teachers, trials, base, done, {})
+    assert not any(k in teachers for _, k in keys(rest)) and not any(ph == "trial" for ph, _ in rest)
+    assert keys(rest) == [("train", j["key"]) for js in base.values() for j in js]
+    # one trial left: its teachers come back
+    one = dict(done)
+    one.pop(trials["kd_swa"][2]["key"])
+    assert {k for ph, k in keys(t.pending_tasks(teachers, trials, base, one, {})) if k in teachers} == \
+        set(trials["kd_swa"][2]["deps"])
+    assert t.pending_tasks(teachers, trials, base, done, {}, tune_only=True) == []
