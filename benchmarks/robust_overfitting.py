@@ -786,6 +786,19 @@ def _ci_s(c: dict) -> str:
     return f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]"
 
 
+def _hw_split(c: dict) -> str:
+    if c.get("half_width_points") is None:
+        return "–"
+    return f"{c['half_width_points']:.2f} / {c['half_width_seeds']:.2f}"
+
+
+def _parts(c: dict) -> str:
+    """The half-width's two sources (paired_stats: points resampled alone / seeds alone)."""
+    if c.get("half_width_points") is None:
+        return ""
+    return f"; ± {c['half_width_points']:.2f} from the test points, ± {c['half_width_seeds']:.2f} from the seeds"
+
+
 def render_paired(rows: list[dict], s: dict) -> list[str]:
     if not rows:
         return []
@@ -795,18 +808,20 @@ def render_paired(rows: list[dict], s: dict) -> list[str]:
              "seeds in brackets; gap = best − final; *selection* = the validation attack that picked *best*). "
              "*Cuts the gap by half*: yes when gap − ½ × base gap is below 0 with 95 % confidence, no when "
              "above, cannot tell when 0 is inside its CI or the base's own gap is not above 0 with confidence; "
-             "*higher final* likewise for the final difference. ± half-width ≤ 2 resolves a 3-point difference.",
+             "*higher final* likewise for the final difference. ± half-width ≤ 2 resolves a 3-point difference; "
+             "*points / seeds*: the final difference's half-width with only the test points resampled / only the "
+             "seeds -- the first narrows with more attacked points (~1/√n), the second with more seeds.",
              "",
              "| Method | base | metric | selection | seeds | n | final − base final | best − base best | gap | "
-             "base gap | gap − base gap | cuts the gap by half? | higher final? | final CI ± |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "base gap | gap − base gap | cuts the gap by half? | higher final? | final CI ± | points / seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {LABELS[r['method']]} | {LABELS[r['base']]} | "
                      f"{'AutoAttack' if r['metric'] == 'autoattack' else 'PGD-20'} | {sel_name[r['selection']]} | "
                      f"{','.join(map(str, r['seeds']))} | {r['n_points']} | {_ci_s(r['final_diff'])} | "
                      f"{_ci_s(r['best_diff'])} | {_ci_s(r['gap'])} | {_ci_s(r['base_gap'])} | "
                      f"{_ci_s(r['gap_diff'])} | {r['halves_gap']} | {r['higher_final']} | "
-                     f"{r['final_diff']['half_width']:.2f} |")
+                     f"{r['final_diff']['half_width']:.2f} | {_hw_split(r['final_diff'])} |")
     one = sorted({LABELS[r["method"]] for r in rows if len(r["seeds"]) == 1})
     lines += ["", "With one seed the interval covers the test points only, not the seed-to-seed spread"
               + (f" ({', '.join(one)})." if one else "."), ""]
@@ -870,7 +885,7 @@ def render_markdown(result: dict) -> str:
             fd, g, bg = r["final_diff"], r["gap"], r["base_gap"]
             lines.append(
                 f"- {LABELS[r['method']]} vs {LABELS[r['base']]} (seeds {','.join(map(str, r['seeds']))}): final "
-                f"{_ci_s(fd)} (CI ± {fd['half_width']:.2f}) → *ends higher*: **{r['higher_final']}**; gap "
+                f"{_ci_s(fd)} (CI ± {fd['half_width']:.2f}{_parts(fd)}) → *ends higher*: **{r['higher_final']}**; gap "
                 f"{_ci_s(g)} vs the base's {_ci_s(bg)}, difference {_ci_s(r['gap_diff'])} → *cuts the gap by "
                 f"half*: **{r['halves_gap']}**.")
         lines.append("")

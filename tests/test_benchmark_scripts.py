@@ -45,8 +45,12 @@ def test_robust_overfitting_smoke(tmp_path):
         assert r["base"] == "pgd_at" and r["seeds"] == [0]
         assert r["final_diff"]["lo"] <= r["final_diff"]["diff"] <= r["final_diff"]["hi"]
         assert r["halves_gap"] in ("yes", "no", "cannot tell")
+        # one seed: the interval is the test points' alone
+        assert r["final_diff"]["half_width_seeds"] == 0.0
+        assert r["final_diff"]["half_width_points"] == r["final_diff"]["half_width"]
     md = next((tmp_path / "results").glob("*.md")).read_text()
     assert "**Paired differences to the base objective**" in md
+    assert "| final CI ± | points / seeds |" in md and "from the test points, ± 0.00 from the seeds)" in md
     assert "Sanity: on the same 16 points, AutoAttack accuracy ≤ PGD-20 accuracy for 4 of 4 checkpoints" in md
     assert list((tmp_path / "results").glob("*.png"))
 

@@ -67,6 +67,24 @@ def test_seed_spread_widens_the_interval():
     assert ci_spread["half_width"] > 1.5 * ci_same["half_width"]
 
 
+def test_the_interval_is_split_into_its_point_and_seed_parts():
+    """half_width_points resamples only the test points, half_width_seeds only the seeds: a
+    difference that is the same in every seed has no seed part; one that is the same on every
+    point of a seed (but differs between seeds) has no point part."""
+    rng = np.random.default_rng(3)
+    b = np.zeros((4, 300))
+    same_seeds = np.tile((rng.random(300) < 0.2).astype(float), (4, 1))   # identical rows
+    ci = ps.paired_bootstrap(same_seeds, b, n_boot=800)
+    assert ci["half_width_seeds"] == 0.0
+    assert ci["half_width_points"] == pytest.approx(ci["half_width"], rel=0.25) and ci["half_width_points"] > 0
+    per_seed_const = np.repeat(np.array([[0.0], [1.0], [0.0], [1.0]]), 300, axis=1)  # 0 or +100 points
+    ci = ps.paired_bootstrap(per_seed_const, b, n_boot=800)
+    assert ci["half_width_points"] == 0.0 and ci["half_width_seeds"] > 10
+    # more points narrow the point part (about 1/sqrt(n)), not the seed part
+    small = ps.paired_bootstrap(same_seeds[:, :75], b[:, :75], n_boot=800)
+    assert small["half_width_points"] > 1.5 * ps.paired_bootstrap(same_seeds, b, n_boot=800)["half_width_points"]
+
+
 def test_halving_verdict():
     ci = lambda lo, hi: {"lo": lo, "hi": hi}  # noqa: E731
     assert ps.verdict_halves(ci(-3, -1), ci(4, 8)) == "yes"
