@@ -211,3 +211,15 @@ def test_gpu_script_hard_deadline_stops_the_group_and_writes_a_partial_table(tmp
     assert "stopped at the hard deadline: partial" in base.with_suffix(".md").read_text()
     assert sorted(f.name for f in (tmp_path / "exp").iterdir()) == [
         "robust_overfitting_smoke.json", "robust_overfitting_smoke.md", "robust_overfitting_smoke_runs.tar.gz"]
+
+
+def test_gpu_runs_attack_1000_points_unless_told_otherwise():
+    gpu = _load("robust_overfitting_gpu")
+    assert gpu.gpu_extra("fmnist-long", "cuda", []) == ["--aa-n", "1000"]
+    assert gpu.gpu_extra("fmnist-long", "cuda:0", ["--seeds", "0"]) == ["--seeds", "0", "--aa-n", "1000"]
+    # the user's own sample size wins, in either spelling; the CPU check and the smoke preset keep theirs
+    assert gpu.gpu_extra("fmnist-long", "cuda", ["--aa-n", "500"]) == ["--aa-n", "500"]
+    assert gpu.gpu_extra("fmnist-long", "cuda", ["--aa-n=300"]) == ["--aa-n=300"]
+    assert gpu.gpu_extra("smoke", "cpu", []) == [] and gpu.gpu_extra("smoke", "cuda", []) == []
+    ro = _load("robust_overfitting")
+    assert gpu.GPU_AA_N["fmnist-long"] <= ro.PRESETS["fmnist-long"]["test_subset"]
