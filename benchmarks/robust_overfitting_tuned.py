@@ -251,6 +251,22 @@ def pending_tasks(teachers: dict, trials: dict, table_jobs: dict, trial_recs: di
         [("trial", t) for t in todo_trials] + [("train", j) for j in todo_table]
 
 
+def _repo_rel(path) -> str:
+    """A path as the report shows it: relative to the repository when inside it (the committed
+    grid is ``benchmarks/tuning_grid.json`` wherever the checkout is)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
+
+
+def attacked(rec: dict, aa_n: int) -> bool:
+    """A table run's AutoAttack is done for this table: its best and final checkpoints attacked on
+    ``aa_n`` points, or on more with their per-point outcomes (``robust_overfitting._covers``)."""
+    return all(ro._covers(rec.get(w) or {}, aa_n) for w in ("best", "final"))
+
+
 def _trial_key(m: str, i: int, seed: int) -> str:
     return f"{m}_t{i}_s{seed}"
 
@@ -334,7 +350,7 @@ def build_result(args, p, grid, trials, table, selections, trial_recs, table_rec
         "val_selection": p.get("val_attack", "pgd_ce"), "selection_key": val_key(p),
         "val_attack_steps": cfg.eval.val_attack_steps,
         "select_on": grid.get("select_on", "final"), "k": grid["k"],
-        "grid_file": str(args.grid), "grid_sha256": grid_sha(grid), "grid": grid,
+        "grid_file": _repo_rel(args.grid), "grid_sha256": grid_sha(grid), "grid": grid,
         "tuning_seed": args.seeds[0], "table_seeds": args.seeds[1:],
         "autoattack": ro.AA_SUITES[p.get("aa_suite", "standard")] if not p["aa_params"]
         else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
@@ -604,7 +620,7 @@ def main(argv=None) -> int:
         out += [f"train:{j['key']}" for js in table_jobs.values() for j in js if j["key"] not in table_recs]
         if not args.train_only:
             out += [f"aa:{j['key']}" for js in table_jobs.values() for j in js if j["key"] in table_recs
-                    and table_recs[j["key"]]["final"].get("autoattack_n") != p["aa_n"]]
+                    and not attacked(table_recs[j["key"]], p["aa_n"])]
         return out
 
     def report():

@@ -274,3 +274,18 @@ def test_pending_tasks_train_a_teacher_only_while_a_run_needs_it(tmp_path):
     assert {k for ph, k in keys(t.pending_tasks(teachers, trials, base, one, {})) if k in teachers} == \
         set(trials["kd_swa"][2]["deps"])
     assert t.pending_tasks(teachers, trials, base, done, {}, tune_only=True) == []
+
+
+def test_a_run_attacked_on_more_points_is_not_reported_as_missing_its_autoattack():
+    """The first table's pgd_at_s1 was attacked on 1000 points (per-point outcomes kept): it serves
+    the 500-point table with its first 500, so the report must not list ``aa:pgd_at_s1``."""
+    t = _module()
+    ck = lambda n, k: {"autoattack": 50.0, "autoattack_n": n, "autoattack_points": "1" * k,  # noqa: E731
+                       "pgd20_points": "1" * max(k, 1000)}
+    assert t.attacked({"best": ck(1000, 1000), "final": ck(1000, 1000)}, 500)
+    assert t.attacked({"best": ck(500, 500), "final": ck(500, 500)}, 500)
+    assert not t.attacked({"best": ck(300, 300), "final": ck(300, 300)}, 500)       # fewer points
+    assert not t.attacked({"best": ck(1000, 0), "final": ck(1000, 1000)}, 500)     # no outcomes kept
+    assert not t.attacked({"best": {"autoattack": None}, "final": ck(500, 500)}, 500)
+    # the grid is named as the repository has it, wherever the checkout is
+    assert t._repo_rel(t.GRID_FILE) == "benchmarks/tuning_grid.json"
