@@ -51,17 +51,13 @@ Runs execute in a pool of ``--jobs`` one-thread processes; a finished run (trial
 reused when the script is started again with the same ``--out``, an interrupted one resumed from
 its checkpoint; the JSON and markdown are rewritten after every finished task.
 
-Compute of the full fmnist-long table -- an estimate, not run (the CPU was busy with the first
-table; no tuned numbers are committed).  Per run, from the first table's runs on this 2-core CPU
-box (no GPU), one thread each: ~10-13 min of training, ~5 min of AutoAttack (APGD-CE + APGD-T on
-1000 points, best + final + CE-selected best).  A trial skips AutoAttack and the test curve; the
-curve is 13-17 % of a run's time (PGD-20 epochs vs the others in the epoch timestamps of the first
-table's pgd_at_s0 / pgd_at_s1 train.log), so a trial is ~8.5-11 min:
-
-  20 trials (5 methods x K = 4)                        170-220 min
-  2 teachers (PGD-AT seed 0: 10-13; natural: ~5, est.)  15-18 min
-  21 table runs (7 rows x 3 seeds) x (10-13 + 5)        315-380 min
-  total                                                 ~500-620 CPU-min = ~4.2-5.2 h with --jobs 2
+Compute of the full fmnist-long table, measured (2026-12-02, the 2-core AMD EPYC box, no GPU, one
+thread per run, 2 side by side): a trial ~6 min (94 CPU-min for 16 trials; AutoAttack and the test
+curve skipped), a table run ~7-8.5 min of training + ~3 min of AutoAttack (APGD-CE + APGD-T on 500
+points, best + final + CE-selected best); the two teachers were the first table's seed-0 runs,
+copied into ``--out``.  20 trials + 16 table runs (5 base runs imported from the first table's
+JSON) took two sessions, ~3.2 h of wall clock in all.  (The estimate made before the run,
+~4.2-5.2 h, assumed 1000 AutoAttack points and the slower Intel box.)
 
 Run folders do not outlive a machine; the results file does.  ``--import-results`` takes back
 finished trials (their record and validation scores -- all the selection reads; the file must have
