@@ -56,7 +56,7 @@ thread per run, 2 side by side): a trial ~6 min (94 CPU-min for 16 trials; AutoA
 curve skipped), a table run ~7-8.5 min of training + ~3 min of AutoAttack (APGD-CE + APGD-T on 500
 points, best + final + CE-selected best); the two teachers were the first table's seed-0 runs,
 copied into ``--out``.  20 trials + 16 table runs (5 base runs imported from the first table's
-JSON) took two sessions, ~3.2 h of wall clock in all.  (The estimate made before the run,
+JSON) took two sessions, ~2.9 h of wall clock in all (23 + ~148 min).  (The estimate made before the run,
 ~4.2-5.2 h, assumed 1000 AutoAttack points and the slower Intel box.)
 
 Run folders do not outlive a machine; the results file does.  ``--import-results`` takes back
