@@ -786,17 +786,12 @@ def _ci_s(c: dict) -> str:
     return f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]"
 
 
-def _hw_split(c: dict) -> str:
+def _parts(c: dict, fmt: str, none: str) -> str:
+    """The half-width's two sources (paired_stats: points resampled alone / seeds alone), or
+    ``none`` for a CI computed before they were kept."""
     if c.get("half_width_points") is None:
-        return "–"
-    return f"{c['half_width_points']:.2f} / {c['half_width_seeds']:.2f}"
-
-
-def _parts(c: dict) -> str:
-    """The half-width's two sources (paired_stats: points resampled alone / seeds alone)."""
-    if c.get("half_width_points") is None:
-        return ""
-    return f"; ± {c['half_width_points']:.2f} from the test points, ± {c['half_width_seeds']:.2f} from the seeds"
+        return none
+    return fmt.format(p=c["half_width_points"], s=c["half_width_seeds"])
 
 
 def render_paired(rows: list[dict], s: dict) -> list[str]:
@@ -821,7 +816,7 @@ def render_paired(rows: list[dict], s: dict) -> list[str]:
                      f"{','.join(map(str, r['seeds']))} | {r['n_points']} | {_ci_s(r['final_diff'])} | "
                      f"{_ci_s(r['best_diff'])} | {_ci_s(r['gap'])} | {_ci_s(r['base_gap'])} | "
                      f"{_ci_s(r['gap_diff'])} | {r['halves_gap']} | {r['higher_final']} | "
-                     f"{r['final_diff']['half_width']:.2f} | {_hw_split(r['final_diff'])} |")
+                     f"{r['final_diff']['half_width']:.2f} | {_parts(r['final_diff'], '{p:.2f} / {s:.2f}', '–')} |")
     one = sorted({LABELS[r["method"]] for r in rows if len(r["seeds"]) == 1})
     lines += ["", "With one seed the interval covers the test points only, not the seed-to-seed spread"
               + (f" ({', '.join(one)})." if one else "."), ""]
@@ -885,7 +880,7 @@ def render_markdown(result: dict) -> str:
             fd, g, bg = r["final_diff"], r["gap"], r["base_gap"]
             lines.append(
                 f"- {LABELS[r['method']]} vs {LABELS[r['base']]} (seeds {','.join(map(str, r['seeds']))}): final "
-                f"{_ci_s(fd)} (CI ± {fd['half_width']:.2f}{_parts(fd)}) → *ends higher*: **{r['higher_final']}**; gap "
+                f"{_ci_s(fd)} (CI ± {fd['half_width']:.2f}{_parts(fd, '; ± {p:.2f} from the test points, ± {s:.2f} from the seeds', '')}) → *ends higher*: **{r['higher_final']}**; gap "
                 f"{_ci_s(g)} vs the base's {_ci_s(bg)}, difference {_ci_s(r['gap_diff'])} → *cuts the gap by "
                 f"half*: **{r['halves_gap']}**.")
         lines.append("")

@@ -251,10 +251,7 @@ def _repo_rel(path) -> str:
     """A path as the report shows it: relative to the repository when inside it (the committed
     grid is ``benchmarks/tuning_grid.json`` wherever the checkout is)."""
     path = Path(path).resolve()
-    try:
-        return str(path.relative_to(HERE.parent))
-    except ValueError:
-        return str(path)
+    return str(path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path)
 
 
 def attacked(rec: dict, aa_n: int) -> bool:
