@@ -13,6 +13,13 @@ the same points: a point that is hard for one seed is hard for the others, and r
 seed independently would hide that covariance and give too narrow an interval.  With one seed
 only the points are resampled (the seed-to-seed spread is then not in the interval; the report
 says so).
+
+Seeds need not share one set of points: a seed attacked on other test points (e.g. later seeds on a
+fresh block, so the point-to-point part of the interval shrinks with the seeds too) has ``nan``
+where it was not attacked.  The points are then drawn within strata -- the points attacked by the
+same set of seeds -- so a point shared by several seeds is still one draw for all of them, each
+stratum keeps its size, and each seed's accuracy is the mean over the points it was attacked on
+(every seed weighs the same).
 """
 from __future__ import annotations
 
@@ -50,7 +57,8 @@ def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 
 
     ``a`` and ``b``: arrays ``[seeds, points]`` of per-point scores (row ``s`` of both = the same
     training seed, column ``i`` = the same test point); a 1-d array is one seed.  Scores need not
-    be 0/1: a gap's per-point score is ``best - final`` (in {-1, 0, 1}).
+    be 0/1: a gap's per-point score is ``best - final`` (in {-1, 0, 1}).  ``nan`` (in both, in the
+    same places): the seed was not attacked on that point (see the module's note on strata).
 
     Returns ``{"diff", "lo", "hi", "half_width", "half_width_points", "half_width_seeds", "se",
     "n_seeds", "n_points", "n_boot", "level"}`` (``se``: the bootstrap standard deviation;
@@ -64,10 +72,25 @@ def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 
         raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got level={level}, n_boot={n_boot}")
     d = a - b
     k, n = d.shape
+    seen = ~np.isnan(d)
+    if not np.array_equal(seen, ~np.isnan(a)) or not np.array_equal(seen, ~np.isnan(b)):
+        raise ValueError("a and b must be attacked on the same points of each seed (nan in the same places)")
+    if not seen.any(1).all():
+        raise ValueError("every seed needs at least one attacked point (a row is all nan)")
     rng = np.random.default_rng(seed)
     point_w = np.zeros((n_boot, n))
-    np.add.at(point_w, (np.arange(n_boot)[:, None], rng.integers(0, n, (n_boot, n))), 1.0)
-    per_seed = point_w @ d.T / n                      # [n_boot, k]: each seed on the resampled points
+    rows = np.arange(n_boot)[:, None]
+    if seen.all():   # one set of points for every seed
+        np.add.at(point_w, (rows, rng.integers(0, n, (n_boot, n))), 1.0)
+    else:            # within each stratum: the points attacked by the same seeds
+        _, stratum = np.unique(seen.T, axis=0, return_inverse=True)
+        for g in np.unique(stratum):
+            cols = np.flatnonzero(stratum == g)
+            np.add.at(point_w, (rows, cols[rng.integers(0, len(cols), (n_boot, len(cols)))]), 1.0)
+    d0, m = np.where(seen, d, 0.0), seen.astype(np.float64)
+    # [n_boot, k]: each seed on the resampled points (the mean over the points it was attacked on;
+    # every stratum keeps its size, so the denominator is the seed's number of points)
+    per_seed = (point_w @ d0.T) / (point_w @ m.T)
     seed_w = np.zeros((n_boot, k))
     np.add.at(seed_w, (np.arange(n_boot)[:, None], rng.integers(0, k, (n_boot, k))), 1.0)
     stats = scale * (seed_w * per_seed).sum(1) / k
@@ -76,15 +99,17 @@ def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 
     # interval -- more attacked points (the first shrinks as 1/sqrt(points)) or more seeds (the
     # second, as 1/sqrt(seeds)).  Their squares need not add up to the total's exactly.
     stats_points = scale * per_seed.mean(1)
-    stats_seeds = scale * (seed_w @ d.mean(1)) / k
+    seed_means = d0.sum(1) / m.sum(1)
+    stats_seeds = scale * (seed_w @ seed_means) / k
     alpha = (1 - level) / 2
     q = (alpha, 1 - alpha)
     lo, hi = np.quantile(stats, q)
     hw = lambda x: float(np.diff(np.quantile(x, q))[0]) / 2  # noqa: E731
-    diff = scale * float(d.mean())
+    diff = scale * float(seed_means.mean())
     return {"diff": diff, "lo": float(lo), "hi": float(hi), "half_width": float(hi - lo) / 2,
             "half_width_points": hw(stats_points), "half_width_seeds": hw(stats_seeds),
             "se": float(stats.std(ddof=1)) if n_boot > 1 else 0.0, "n_seeds": k, "n_points": n,
+            "n_points_per_seed": sorted({int(c) for c in seen.sum(1)}),
             "n_boot": n_boot, "level": level}
 
 

@@ -225,6 +225,7 @@ def build_jobs(methods, seeds, p: dict, out: Path, data_root=None, aa_checkpoint
             ov += [f"method.teacher={out / deps[0]}"]
         jobs.append({"key": _key(m, s), "method": m, "seed": s, "preset": preset, "overrides": ov, "deps": deps,
                      "out_dir": str(out / _key(m, s)), "aa_n": p["aa_n"], "aa_params": p["aa_params"],
+                     "aa_offset": p.get("aa_offset", 0),
                      "aa_suite": p.get("aa_suite", "standard"),
                      "curve_n": p["curve_n"], "aa_checkpoints": list(aa_checkpoints), "device": device})
     return jobs
@@ -382,7 +383,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
 
         # in the order asked for (--aa-checkpoints final best: the final number first)
         todo = [w for w in job.get("aa_checkpoints", CHECKPOINTS) if w in rec and not (
-            rec[w].get("autoattack") is not None and _covers(rec[w], job["aa_n"])
+            rec[w].get("autoattack") is not None and _covers(rec[w], job["aa_n"], job.get("aa_offset", 0))
             and rec[w].get("autoattack_suite", "standard") == job.get("aa_suite", "standard")
             and rec[w].get("pgd20_aa_points") is not None and rec[w].get("autoattack_points") is not None)]
         if not todo:
@@ -391,12 +392,14 @@ def _run_job(job: dict, phase: str = "train") -> dict:
         d = cfg.data
         _, _, test, _ = build_datasets(d.name, root=d.root, val_fraction=d.val_fraction, train_subset=d.train_subset,
                                        seed=d.seed, test_subset=d.test_subset)
-        x, y = _stack(test, job["aa_n"])
+        off = job.get("aa_offset", 0)
+        x, y = _stack(test, off + job["aa_n"])
+        x, y = x[off:], y[off:]   # the test subset's images off .. off + aa_n - 1
         a = cfg.attack
         for which in todo:
             if which == "best_pgd_ce" and rec[which].get("epoch") == rec["best"].get("epoch") \
                     and rec["best"].get("autoattack_points") is not None \
-                    and _covers(rec["best"], job["aa_n"]) \
+                    and _covers(rec["best"], job["aa_n"], off) \
                     and rec["best"].get("autoattack_suite", "standard") == job.get("aa_suite", "standard"):
                 # the same epoch's weights: CE validation picked the same checkpoint
                 rec = json.loads(rec_path.read_text())
@@ -405,7 +408,7 @@ def _run_job(job: dict, phase: str = "train") -> dict:
                 _write_record(rec_path, rec)
                 continue
             model, _, _ = load_run_model(out, which, device=dev)
-            fields = {"autoattack_device": dev}
+            fields = {"autoattack_device": dev, "autoattack_offset": off}
             # PGD-20 on exactly the AutoAttack points: the curve's PGD-20 uses more images, so only
             # this number can be compared with AutoAttack (which must not be above it: a sanity check).
             fields["pgd20_aa_points"] = pgd_accuracy(model, (x, y), eps=a.eps, alpha=a.alpha, steps=20,
@@ -524,13 +527,33 @@ def _mean_std(vals):
     return m, sd
 
 
-def _covers(d: dict, aa_n: int) -> bool:
+def _covers(d: dict, aa_n: int, offset: Optional[int] = None) -> bool:
     """A checkpoint's AutoAttack result serves a table at ``aa_n`` points: attacked on exactly
-    those points, or on more of them with the per-point outcomes kept (the table then uses the
-    first ``aa_n``; see :func:`_aa_at_n`)."""
-    n = d.get("autoattack_n")
+    ``aa_n`` points, or on more with the per-point outcomes kept (the table then uses the first
+    ``aa_n``; see :func:`_aa_at_n`).  ``offset``: and on the test subset's images from that one on
+    (``--aa-offset``; ``None``: wherever they start -- a table pairs each seed on its own points)."""
+    n, off = d.get("autoattack_n"), _aa_offset(d)
+    if offset is not None and off != offset:
+        return False
     return n == aa_n or (n is not None and n > aa_n and len(d.get("autoattack_points") or "") == n
-                         and len(d.get("pgd20_points") or "") >= aa_n)
+                         and len(d.get("pgd20_points") or "") >= off + aa_n)
+
+
+def _offsets(records: dict) -> dict:
+    """``{offset: [run keys]}`` of the runs whose AutoAttack points do not start at the test
+    subset's first image (empty when all do)."""
+    out = {}
+    for k, r in sorted(records.items()):
+        offs = {_aa_offset(r[w]) for w in _checkpoints(r) if r[w].get("autoattack") is not None}
+        for o in offs - {0}:
+            out.setdefault(str(o), []).append(k)
+    return out
+
+
+def _aa_offset(d: dict) -> int:
+    """Where a checkpoint's AutoAttack points start in the test subset (0: records from before
+    ``--aa-offset``)."""
+    return int(d.get("autoattack_offset") or 0)
 
 
 def _first_points(d: dict, aa_n: int) -> dict:
@@ -541,8 +564,9 @@ def _first_points(d: dict, aa_n: int) -> dict:
     subset: recomputed from the per-stage per-point outcomes where those were kept, else dropped.)"""
     from paired_stats import as_points
 
+    off = _aa_offset(d)
     aa = d["autoattack_points"][:aa_n]
-    pg = d["pgd20_points"][:aa_n]
+    pg = d["pgd20_points"][off:off + aa_n]
     out = {k: v for k, v in d.items() if k not in ("autoattack_per_attack",)}
     out.update({"autoattack_points": aa, "autoattack": 100.0 * float(as_points(aa).mean()),
                 "pgd20_aa_points": 100.0 * float(as_points(pg).mean()), "autoattack_n": aa_n,
@@ -747,6 +771,7 @@ def paired_claims(records: dict, aa_n=None, n_boot: int = 2000) -> list[dict]:
     (best - final) and of their difference, and the verdicts "higher final" and "cuts the gap by
     half"."""
     from paired_stats import as_points, gap_scores, paired_bootstrap, verdict_above_zero, verdict_halves
+    import numpy as np
 
     records = {k: _aa_at_n(r, aa_n) for k, r in records.items()}
     by = {}
@@ -764,15 +789,34 @@ def paired_claims(records: dict, aa_n=None, n_boot: int = 2000) -> list[dict]:
                                and all(by[x][s].get(w, {}).get(field) for x in (m, base) for w in need))
                 if not seeds:
                     continue
-                arr = {(x, w): [as_points(by[x][s][w][field]) for s in seeds] for x in (m, base) for w in need}
-                if len({len(v) for v in arr.values() for v in v}) != 1:
-                    continue   # different numbers of points: not paired
-                A_b, A_f, B_b, B_f = (arr[(m, sel)], arr[(m, "final")], arr[(base, sel)], arr[(base, "final")])
+                # per seed: where its points start in the test subset (AutoAttack: --aa-offset; PGD-20:
+                # the curve's first images) -- a seed is paired only if all four were scored on the
+                # same points; seeds on other points go in the same bootstrap (paired_stats: strata)
+                span = {s: {(_aa_offset(by[x][s][w]) if metric == "autoattack" else 0, len(by[x][s][w][field]))
+                            for x in (m, base) for w in need} for s in seeds}
+                seeds = [s for s in seeds if len(span[s]) == 1]
+                if not seeds:
+                    continue
+                spans = {s: next(iter(span[s])) for s in seeds}
+                if len({n for _, n in spans.values()}) != 1:
+                    continue   # different numbers of points per seed: not one table
+                cols = sorted({i for o, n in spans.values() for i in range(o, o + n)})
+                pos = {i: j for j, i in enumerate(cols)}
+
+                def on_cols(x, w):
+                    out = np.full((len(seeds), len(cols)), np.nan)
+                    for r, s in enumerate(seeds):
+                        o, n = spans[s]
+                        out[r, pos[o]:pos[o] + n] = as_points(by[x][s][w][field])
+                    return out
+                A_b, A_f, B_b, B_f = (on_cols(m, sel), on_cols(m, "final"), on_cols(base, sel), on_cols(base, "final"))
                 ci = lambda a, b: paired_bootstrap(a, b, n_boot=n_boot)  # noqa: E731
                 g_m, g_b = gap_scores(A_b, A_f), gap_scores(B_b, B_f)
                 zero = 0 * g_m
                 row = {"method": m, "base": base, "metric": metric, "selection": sel, "seeds": seeds,
-                       "n_points": len(A_f[0]),
+                       "n_points": next(iter(spans.values()))[1], "n_points_all": len(cols),
+                       "points_from": {str(o): [s for s in seeds if spans[s][0] == o]
+                                       for o in sorted({o for o, _ in spans.values()})},
                        "final_diff": ci(A_f, B_f), "best_diff": ci(A_b, B_b),
                        "gap": ci(g_m, zero), "base_gap": ci(g_b, zero), "gap_diff": ci(g_m, g_b),
                        "gap_excess_over_half": ci(g_m, 0.5 * g_b)}
@@ -780,6 +824,12 @@ def paired_claims(records: dict, aa_n=None, n_boot: int = 2000) -> list[dict]:
                 row["halves_gap"] = verdict_halves(row["gap_excess_over_half"], row["base_gap"])
                 out.append(row)
     return out
+
+
+def _n_s(r: dict) -> str:
+    """The n column: points per seed, and the points in all where seeds were on different ones."""
+    n, n_all = r["n_points"], r.get("n_points_all") or r["n_points"]
+    return f"{n}" if n_all == n else f"{n} per seed ({n_all} in all)"
 
 
 def _ci_s(c: dict) -> str:
@@ -792,6 +842,24 @@ def _parts(c: dict, fmt: str, none: str) -> str:
     if c.get("half_width_points") is None:
         return none
     return fmt.format(p=c["half_width_points"], s=c["half_width_seeds"])
+
+
+def _seed_ranges(keys) -> str:
+    """``['adr_s13', 'adr_s14', 'pgd_at_s13']`` -> ``adr seeds 13-14, pgd_at seed 13``."""
+    by = {}
+    for k in keys:
+        m, _, sd = k.rpartition("_s")
+        by.setdefault(m, []).append(int(sd))
+    parts = []
+    for m, ss in by.items():
+        ss = sorted(ss)
+        runs, start = [], ss[0]
+        for a, b in zip(ss, ss[1:] + [None]):
+            if b != a + 1:
+                runs.append(f"{start}" if start == a else f"{start}-{a}")
+                start = b
+        parts.append(f"{m} seed{'s' if len(ss) > 1 else ''} {', '.join(runs)}")
+    return ", ".join(parts)
 
 
 def render_paired(rows: list[dict], s: dict) -> list[str]:
@@ -813,7 +881,7 @@ def render_paired(rows: list[dict], s: dict) -> list[str]:
     for r in rows:
         lines.append(f"| {LABELS[r['method']]} | {LABELS[r['base']]} | "
                      f"{'AutoAttack' if r['metric'] == 'autoattack' else 'PGD-20'} | {sel_name[r['selection']]} | "
-                     f"{','.join(map(str, r['seeds']))} | {r['n_points']} | {_ci_s(r['final_diff'])} | "
+                     f"{','.join(map(str, r['seeds']))} | {_n_s(r)} | {_ci_s(r['final_diff'])} | "
                      f"{_ci_s(r['best_diff'])} | {_ci_s(r['gap'])} | {_ci_s(r['base_gap'])} | "
                      f"{_ci_s(r['gap_diff'])} | {r['halves_gap']} | {r['higher_final']} | "
                      f"{r['final_diff']['half_width']:.2f} | {_parts(r['final_diff'], '{p:.2f} / {s:.2f}', '–')} |")
@@ -836,6 +904,9 @@ def render_markdown(result: dict) -> str:
                     "PGD-10 would pick is scored too, in the paired table)") + "; *final* = the last "
                  f"epoch. Clean and PGD-20 on the first {s['curve_n']} images of a fixed stratified test subset; "
                  f"AA columns: {s['autoattack']}, on the first **n = {s['autoattack_n']}** of them "
+                 + "".join(f"(runs {_seed_ranges(ks)}: on images {o}–{int(o) + s['autoattack_n'] - 1} instead, "
+                           "fresh points for further seeds; paired per seed) "
+                           for o, ks in (s.get("autoattack_offsets") or {}).items()) +
                  f"(standard error ≈ ±{100 * math.sqrt(0.25 / s['autoattack_n']):.1f} points at 50 %). "
                  f"Methods marked (k seeds) show mean ± std over seeds {s['seeds']}"
                  + "".join(f", {LABELS[m]} over {v}" for m, v in (s.get("seeds_of") or {}).items() if m in methods)
@@ -872,7 +943,7 @@ def render_markdown(result: dict) -> str:
     if prs:
         # the verdicts come from the paired comparison (same points, same seeds); the unpaired
         # mean-vs-mean "claims" (in the JSON) are not rendered then: their seeds may differ
-        lines.append(f"**Verdicts** (paired: the same {prs[0]['n_points']} test points and the same seeds; AA "
+        lines.append(f"**Verdicts** (paired: the same {_n_s(prs[0])} test points and the same seeds; AA "
                      "columns; *best* selected by the preset's validation attack; 95 % bootstrap CIs over test "
                      "points and seeds; a difference whose CI contains 0 is 'cannot tell'):")
         lines.append("")
@@ -1151,6 +1222,8 @@ def write_results(records, jobs, args, p, t_start, results_dir: Path, missing=()
         else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
         "autoattack_n": p["aa_n"], "seeds": args.seeds, "multi_seed_methods": list(multi),
         "seeds_of": getattr(args, "seeds_of", None) or {},
+        # runs attacked on other test points than the first aa_n (--aa-offset): offset -> runs
+        "autoattack_offsets": _offsets(records),
         # teachers whose run directory is here (trained on this machine), for the students imported
         "teachers_trained_here": [j["key"] for j in jobs if j["key"] in (
             _key("pgd_at", TEACHER_SEED), _key("natural", TEACHER_SEED))
@@ -1451,6 +1524,10 @@ def main(argv=None) -> int:
     ap.add_argument("--aa-n", type=int, default=None,
                     help="AutoAttack on the first N images of the test subset (default: the preset's); "
                          "runs attacked with another N are attacked again")
+    ap.add_argument("--aa-offset", type=int, default=0, metavar="K",
+                    help="AutoAttack on the test subset's images K .. K+N-1 instead of the first N (e.g. further "
+                         "seeds on fresh points, so the test-point part of the paired CIs shrinks with the seeds; "
+                         "each record keeps its offset and the table pairs every seed on its own points)")
     ap.add_argument("--aa-checkpoints", nargs="+", choices=CHECKPOINTS, default=list(CHECKPOINTS),
                     help="which checkpoints AutoAttack scores (default all; best_pgd_ce costs one more "
                          "AutoAttack where CE validation picked another epoch)")
@@ -1485,6 +1562,13 @@ def main(argv=None) -> int:
         if not 1 <= args.aa_n <= p["test_subset"]:
             ap.error(f"--aa-n must be between 1 and the preset's test subset ({p['test_subset']}), got {args.aa_n}")
         p["aa_n"] = args.aa_n
+    if not 0 <= args.aa_offset <= p["test_subset"] - p["aa_n"]:
+        ap.error(f"--aa-offset must be between 0 and the preset's test subset minus N "
+                 f"({p['test_subset']} - {p['aa_n']}), got {args.aa_offset}")
+    if args.aa_offset and args.report_only:
+        ap.error("--aa-offset goes with training / attacking runs; --report-only takes every record with its own "
+                 "offset")
+    p["aa_offset"] = args.aa_offset
     args.jobs = args.jobs or p["jobs"]
     if args.prefer_imported and not (args.report_only and args.import_results):
         ap.error("--prefer-imported goes with --report-only and --import-results (while training, a run's own "

@@ -421,3 +421,56 @@ def test_robust_overfitting_train_minutes_of_a_resumed_run_cover_every_process(t
     assert ro._train_s(recs["a"]) == 300.0 and recs["a"]["history_train_seconds"] == 300.0
     assert ro._train_s(recs["b"]) == 25.0 and "history_train_seconds" not in recs["b"]
     assert "history_train_seconds" not in recs["c"]     # an imported run's path is not opened
+
+
+def test_robust_overfitting_seeds_on_fresh_points_are_paired_per_seed():
+    """``--aa-offset``: later seeds attacked on other test images.  ``_covers`` knows the offset (a
+    run attacked elsewhere is attacked again for this one, any offset serves a table), and
+    ``paired_claims`` pairs each seed on its own points, all seeds in one interval."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robust_overfitting", ROOT / "benchmarks" / "robust_overfitting.py")
+    ro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ro)
+    d = {"autoattack": 50.0, "autoattack_n": 4, "autoattack_points": "1100", "autoattack_offset": 4,
+         "pgd20_points": "11111111"}
+    assert ro._covers(d, 4) and ro._covers(d, 4, 4) and not ro._covers(d, 4, 0)
+    assert ro._covers({**d, "autoattack_offset": None}, 4, 0)   # records from before the offset: 0
+
+    def rec(method, seed, off, final, best):
+        pts = lambda s: {"autoattack": 100.0 * s.count("1") / 4, "autoattack_n": 4,  # noqa: E731
+                         "autoattack_points": s, "autoattack_offset": off, "pgd20_points": "1" * 8,
+                         "pgd20_aa_points": 100.0, "epoch": 1}
+        return {"method": method, "seed": seed, "best": pts(best), "final": pts(final)}
+    records = {}
+    for s, off in ((0, 0), (1, 0), (2, 4), (3, 4)):
+        records[f"pgd_at_s{s}"] = rec("pgd_at", s, off, "1000", "1100")
+        records[f"adr_s{s}"] = rec("adr", s, off, "1100" if s < 2 else "1111", "1100")
+    rows = [r for r in ro.paired_claims(records, 4, n_boot=200)
+            if r["metric"] == "autoattack" and r["method"] == "adr" and r["selection"] == "best"]
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["seeds"] == [0, 1, 2, 3] and r["n_points"] == 4 and r["n_points_all"] == 8
+    assert r["points_from"] == {"0": [0, 1], "4": [2, 3]}
+    assert r["final_diff"]["diff"] == pytest.approx((25 + 25 + 75 + 75) / 4)
+    assert ro._n_s(r) == "4 per seed (8 in all)"
+    # a seed whose method and base were attacked on different points is left out, not mispaired
+    records["adr_s3"] = rec("adr", 3, 0, "1111", "1100")
+    r = [r for r in ro.paired_claims(records, 4, n_boot=200)
+         if r["metric"] == "autoattack" and r["method"] == "adr" and r["selection"] == "best"][0]
+    assert r["seeds"] == [0, 1, 2]
+    assert ro._seed_ranges(["adr_s13", "adr_s14", "adr_s16", "pgd_at_s13"]) == "adr seeds 13-14, 16, pgd_at seed 13"
+
+
+@pytest.mark.parametrize("argv, msg", [(["--aa-offset", "1900"], "--aa-offset must be between 0"),
+                                       (["--aa-offset", "-1"], "--aa-offset must be between 0"),
+                                       (["--aa-offset", "500", "--report-only"], "--report-only takes every")])
+def test_robust_overfitting_rejects_a_bad_aa_offset(argv, msg, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robust_overfitting", ROOT / "benchmarks" / "robust_overfitting.py")
+    ro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ro)
+    with pytest.raises(SystemExit) as e:
+        ro.main(["--preset", "fmnist-long", *argv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err

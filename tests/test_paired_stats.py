@@ -105,3 +105,30 @@ def test_gap_scores_and_point_strings():
         ps.paired_bootstrap(np.zeros((2, 5)), np.zeros((3, 5)))
     with pytest.raises(ValueError, match="at least one point"):
         ps.paired_bootstrap(np.zeros((1, 0)), np.zeros((1, 0)))
+
+
+def test_seeds_on_other_points_are_drawn_within_strata():
+    rng = np.random.default_rng(3)
+    a = (rng.random((4, 30)) < .6).astype(float)
+    b = (rng.random((4, 30)) < .5).astype(float)
+    full = ps.paired_bootstrap(a, b, n_boot=300)
+    # the same data with nan-padding columns nobody attacked is refused; one block per seed group is not
+    A, B = np.full((6, 60), np.nan), np.full((6, 60), np.nan)
+    A[:4, :30], B[:4, :30] = a, b
+    A[4:, 30:], B[4:, 30:] = 1.0, 0.0          # two further seeds on fresh points, +100 each
+    r = ps.paired_bootstrap(A, B, n_boot=300)
+    # every seed weighs the same: the mean of the per-seed means
+    assert r["diff"] == pytest.approx((4 * full["diff"] + 2 * 100) / 6)
+    assert r["n_points"] == 60 and r["n_points_per_seed"] == [30]
+    assert r["lo"] <= r["diff"] <= r["hi"]
+    # all seeds on the same points: the original path, same draws, same interval
+    same = ps.paired_bootstrap(np.where(np.isnan(A), 0, A)[:4, :30], np.where(np.isnan(B), 0, B)[:4, :30], n_boot=300)
+    assert same["lo"] == full["lo"] and same["hi"] == full["hi"]
+
+
+def test_nan_must_be_in_the_same_places():
+    a = np.array([[1.0, np.nan], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="same points"):
+        ps.paired_bootstrap(a, np.array([[1.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="all nan"):
+        ps.paired_bootstrap(np.array([[np.nan, np.nan], [0.0, 1.0]]), np.array([[np.nan, np.nan], [1.0, 1.0]]))
