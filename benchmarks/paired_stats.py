@@ -61,7 +61,7 @@ def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 
     same places): the seed was not attacked on that point (see the module's note on strata).
 
     Returns ``{"diff", "lo", "hi", "half_width", "half_width_points", "half_width_seeds", "se",
-    "n_seeds", "n_points", "n_boot", "level"}`` (``se``: the bootstrap standard deviation;
+    "n_seeds", "n_points", "n_points_per_seed", "n_boot", "level"}`` (``se``: the bootstrap standard deviation;
     ``half_width_points`` / ``half_width_seeds``: the half-width with only the test points / only
     the seeds resampled).
     """

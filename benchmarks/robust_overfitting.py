@@ -943,7 +943,8 @@ def render_markdown(result: dict) -> str:
     if prs:
         # the verdicts come from the paired comparison (same points, same seeds); the unpaired
         # mean-vs-mean "claims" (in the JSON) are not rendered then: their seeds may differ
-        lines.append(f"**Verdicts** (paired: the same {_n_s(prs[0])} test points and the same seeds; AA "
+        widest = max(prs, key=lambda r: r.get("n_points_all") or r["n_points"])   # some seeds on fresh points
+        lines.append(f"**Verdicts** (paired: the same {_n_s(widest)} test points and the same seeds; AA "
                      "columns; *best* selected by the preset's validation attack; 95 % bootstrap CIs over test "
                      "points and seeds; a difference whose CI contains 0 is 'cannot tell'):")
         lines.append("")
