@@ -427,6 +427,57 @@ def test_lock_is_exclusive_between_open_files_and_released_on_exit(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+@pytest.mark.parametrize("kind", ["relative_link", "absolute_link", "dangling_link", "hard_link", "fifo", "directory"])
+def test_the_lock_never_opens_through_a_link_or_a_special_file(tmp_path, kind):
+    """A downloaded run directory may hold ``.rb_labelrefine.lock -> ../victim.txt`` (a relative link
+    survives unpacking): taking the lock must refuse it, exit-2 style, and leave the victim alone."""
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the thesis, chapter 1\n")
+    lock = run / LOCK_FILE
+    if kind == "relative_link":
+        lock.symlink_to(Path("..") / victim.name)
+    elif kind == "absolute_link":
+        lock.symlink_to(victim)
+    elif kind == "dangling_link":
+        lock.symlink_to(tmp_path / "created_through_the_link")
+    elif kind == "hard_link":
+        os.link(victim, lock)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises(ResumeError, match=r"refusing to use the run lock .*nothing was changed") as info:
+        RunLock(run).acquire()
+    assert str(lock) in str(info.value)
+    assert victim.read_text() == "the thesis, chapter 1\n"
+    assert not (tmp_path / "created_through_the_link").exists()
+    assert os.path.lexists(lock)  # the refusal deletes nothing either
+
+
+def test_a_linked_lock_in_a_run_directory_exits_2_from_the_cli_and_the_victim_is_untouched(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (run / LOCK_FILE).symlink_to(Path("..") / "victim.txt")
+    for resume in (False, True):
+        rc, _, err = _main(capsys, _train_argv(run) + (["--resume"] if resume else []))
+        assert rc == 2, err
+        assert "symbolic link" in err and LOCK_FILE in err and "Traceback" not in err
+        assert victim.read_text() == "keep me"
+
+
+def test_a_lock_file_that_holds_other_text_is_not_printed_as_its_holder(tmp_path):
+    (tmp_path / LOCK_FILE).write_text("SECRET first line of something else\n")
+    lock = RunLock(tmp_path).acquire()
+    try:
+        assert lock.stale is None
+    finally:
+        lock.release()
+
+
 # ----------------------------------------------------------------------------- eval --sanity
 
 def test_eval_sanity_prints_the_table_and_exits_5_on_a_failed_check(capsys, runs, tmp_path, monkeypatch):

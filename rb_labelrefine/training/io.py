@@ -23,6 +23,7 @@ import pickle
 import pickletools
 import re
 import socket
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -303,10 +304,7 @@ class RunLock:
         import fcntl
 
         while True:
-            try:
-                fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-            except OSError as exc:
-                raise StorageError(self.path, exc, action="create the lock file") from None
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -329,11 +327,43 @@ class RunLock:
                 break
             os.close(fd)
         previous = _read_holder(fd)
-        self.stale = previous if previous != "PID unknown" else None
+        self.stale = previous if _HOLDER.fullmatch(previous) else None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        """Open (or create) the lock file without ever following a link or blocking on a special
+        file: a downloaded run directory may hold ``.rb_labelrefine.lock -> ../victim`` (a link
+        survives unpacking), and opening through it would truncate and overwrite the victim.
+        ``O_NOFOLLOW`` refuses a link in the last component, ``O_NONBLOCK`` keeps a FIFO from
+        hanging the open, and the opened file must be a regular file with one name (a hard link
+        to a file elsewhere is refused too).  Anything else is a :class:`RunLockedError` (exit 2)
+        naming the path; nothing is written."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+            | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(str(self.path), flags, 0o666 & ~_UMASK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or os.path.islink(str(self.path)):
+                raise RunLockedError(_refused_lock(self.path, "is a symbolic link")) from None
+            if exc.errno in (errno.ENXIO, errno.EISDIR):
+                raise RunLockedError(_refused_lock(self.path, "is not a regular file")) from None
+            raise StorageError(self.path, exc, action="create the lock file") from None
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(self.path, exc, action="inspect the lock file") from None
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise RunLockedError(_refused_lock(self.path, "is not a regular file"))
+        if st.st_nlink > 1:
+            os.close(fd)
+            raise RunLockedError(_refused_lock(self.path, f"has {st.st_nlink} hard links (a file shared with "
+                                                          "another place)"))
+        return fd
 
     def release(self) -> None:
         if self._fd is None:
@@ -348,6 +378,15 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+_HOLDER = re.compile(r"pid \d{1,10} on [A-Za-z0-9._-]{1,255}")
+
+
+def _refused_lock(path: Path, why: str) -> str:
+    return (f"refusing to use the run lock {path}: it {why}; a run directory's lock file is created by "
+            "rb-labelrefine itself, never through a link. Remove it if the directory is yours, or train into "
+            "another --out (nothing was changed)")
 
 
 def _read_holder(fd: int) -> str:
