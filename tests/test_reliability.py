@@ -131,10 +131,10 @@ for line in sys.stdin:
 class ForkServer:
     """Starts CLI runs as real processes (fork of an interpreter that has imported everything)."""
 
-    def __init__(self, prestart=None):
+    def __init__(self, prestart=None, env=None):
         """``prestart=(argv, log)``: queued at once, run as soon as the server has imported."""
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=str(REPO))
+                                     text=True, cwd=str(REPO), env=env)
         self.ready = False
         self.live = set()
         self.prestart_pid = None
@@ -206,10 +206,35 @@ def forkserver(tmp_path_factory):
     """Started first (autouse) so its imports overlap with the in-process tests; its first child
     is the uninterrupted reference run (see ``reference``)."""
     ref = tmp_path_factory.mktemp("ref")
-    server = ForkServer(prestart=(_argv(ref / "run"), ref / "run.log"))
+    server = ForkServer(prestart=(_argv(ref / "run"), ref / "run.log"), env=_with_rng_consumer(ref / "inject"))
     server.ref_dir = ref / "run"
     yield server
     server.close()
+
+
+_IMPORT_TIME_RNG_CONSUMER = r"""
+import importlib.abc, random, sys
+
+class _DrawOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        random.random()
+        draw = getattr(sys.modules.get("numpy.random"), "__dict__", {}).get("random")
+        if callable(draw):             # numpy.random fully imported: draw from its global generator
+            try:
+                draw()
+            except Exception:
+                pass
+        return None
+
+sys.meta_path.insert(0, _DrawOnImport())
+"""
+
+
+def _with_rng_consumer(directory: Path) -> dict:
+    """An environment whose Python runs ``_IMPORT_TIME_RNG_CONSUMER`` (a ``sitecustomize``)."""
+    directory.mkdir(exist_ok=True)
+    (directory / "sitecustomize.py").write_text(_IMPORT_TIME_RNG_CONSUMER)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -220,10 +245,14 @@ def python_m_sigterm(tmp_path_factory):
     d = tmp_path_factory.mktemp("python_m")
     run, err = d / "run", d / "stderr.txt"
     state = {"run": run, "err": err}
+    # Every module this process imports draws from Python's and numpy's global generators, as
+    # `import rich` does (issue 26): the run must still equal the reference (a fork of a process
+    # that imported everything before it was seeded).
+    env = _with_rng_consumer(d / "inject")
     t0 = time.time()
     with open(err, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "rb_labelrefine", *_argv(run)], stdout=subprocess.DEVNULL,
-                                stderr=f, cwd=str(d))
+                                stderr=f, cwd=str(d), env=env)
     state["proc"] = proc
 
     def until(cond, timeout=300.0):

@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -29,7 +28,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
@@ -44,6 +42,7 @@ from ..runs import (RESUMABLE_DIFFERENCES, RUN_FILES, added_later_note, build_mo
                     fingerprint_metadata, info_to_metadata, read_weights, write_weights)
 from ..runs import flatten_config as _flatten
 from ..runs import load_error_detail as _load_error_detail
+from . import rng
 from .errors import NonFiniteLossError, ResumeError, TrainingInterrupted
 from .io import (RunLock, atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir,
                  remove_stale_temps, safe_torch_load)
@@ -148,32 +147,6 @@ def first_decay_epoch(cfg: Config) -> int:
     return ms[0] if ms else cfg.train.epochs // 2
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "python": _py_state_to_plain(random.getstate()),
-    }
-
-
-def _py_state_to_plain(state):
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-
-
 def _check_batch(x, y, idx, num_classes: int, where: str) -> None:
     """``validate_batch`` on every batch, not only the first 8 samples checked at setup: a bad
     label deep in the data otherwise surfaces as an IndexError from the loss, NaN pixels as a
@@ -275,9 +248,7 @@ class Trainer:
         self.device = _resolve_device(cfg.train.device)
         # [DDP hook] under torchrun (WORLD_SIZE > 1): join the process group, cuda:LOCAL_RANK, quiet ranks
         self.dist = init_distributed(self)
-        torch.manual_seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
-        random.seed(cfg.train.seed)
+        rng.seed_all(cfg.train.seed)
 
         from ..data import build_datasets
 
@@ -439,7 +410,7 @@ class Trainer:
             "swa": self.swa.state_dict() if self.swa is not None else None,
             "awp": self.awp.state_dict() if self.awp is not None else None,
             "aux": self.aux.state_dict() if self.aux is not None else None,
-            "rng": _rng_state(),
+            "rng": rng.state_dict(),
             "best": dict(self.best),
             "best_pgd_ce": dict(self.best_pgd_ce),
             "history": json.dumps(self.history),
@@ -501,7 +472,7 @@ class Trainer:
                                                         ("aux", self.aux)) if o is not None]
         if self._fast.scaler is not None and state.get("scaler"):
             loaders.append(("scaler", self._fast.scaler.load_state_dict))
-        loaders.append(("rng", _set_rng_state))
+        loaders.append(("rng", rng.load_state_dict))
         for name, load in loaders:
             try:
                 load(state[name])
@@ -713,6 +684,8 @@ class Trainer:
                 self.epoch_acc["loss"] = self.epoch_acc["correct"] = 0.0
             seen = 0
             batch = skip
+            # Python's/numpy's global generators are a function of the position (training/rng.py)
+            rng.reseed_globals(cfg.train.seed, epoch, batch, self.dist.rank)
             for x, y, idx in bar:
                 lr = lr_at(cfg, epoch, batch, self.steps_per_epoch)
                 for g in self.optimizer.param_groups:
@@ -731,6 +704,7 @@ class Trainer:
                 correct += (logits_adv.detach().argmax(1) == y).sum()
                 seen += y.shape[0]
                 batch += 1
+                rng.reseed_globals(cfg.train.seed, epoch, batch, self.dist.rank)  # before the next fetch
                 if self._stop_signal is not None and batch < self.steps_per_epoch:
                     self._flush_epoch_acc(loss_sum, correct, seen, t0)
                     self.save_checkpoint(epoch, batch)
