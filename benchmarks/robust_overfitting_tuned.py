@@ -256,8 +256,8 @@ def _repo_rel(path) -> str:
 
 def attacked(rec: dict, aa_n: int) -> bool:
     """A table run's AutoAttack is done for this table: its best and final checkpoints attacked on
-    ``aa_n`` points, or on more with their per-point outcomes (``robust_overfitting._covers``)."""
-    return all(ro._covers(rec.get(w) or {}, aa_n) for w in ("best", "final"))
+    ``aa_n`` points, or on more with their per-point outcomes (``robust_overfitting.covers``)."""
+    return all(ro.covers(rec.get(w) or {}, aa_n) for w in ("best", "final"))
 
 
 def _trial_key(m: str, i: int, seed: int) -> str:
@@ -329,7 +329,7 @@ def build_result(args, p, grid, trials, table, selections, trial_recs, table_rec
     for m, ts in trials.items():
         sel = selections.get(m)
         trials_out[m] = [{"trial": t["trial"], "key": t["key"], "values": t["values"], "run_dir": t["out_dir"],
-                          "train_min": ro._train_s(trial_recs[t["key"]]) / 60 if t["key"] in trial_recs else None,
+                          "train_min": ro.train_seconds(trial_recs[t["key"]]) / 60 if t["key"] in trial_recs else None,
                           "val_score": sel["scores"][t["trial"]] if sel else None,
                           "chosen": bool(sel and sel["chosen"] == t["trial"])} for t in ts]
     recs = {**trial_recs, **table_recs}
@@ -348,18 +348,18 @@ def build_result(args, p, grid, trials, table, selections, trial_recs, table_rec
         "autoattack": ro.AA_SUITES[p.get("aa_suite", "standard")] if not p["aa_params"]
         else f"standard with reduced settings {p['aa_params']} (smoke only, not comparable)",
         "autoattack_n": p["aa_n"], "jobs": args.jobs, "threads_per_job": 1, "out": str(args.out),
-        "presets": {m: ro.METHODS[m] for m in rows}, "commit": ro._commit(),
+        "presets": {m: ro.METHODS[m] for m in rows}, "commit": ro.commit(),
     }
     return {
         "setup": setup, "machine": ro.machine_string(), "selection": selections, "trials": trials_out,
         "methods": methods, "paired": ro.paired_claims(table_recs, p["aa_n"]),
         "per_point": {k: {w: {f: r[w][f] for f in ("clean_points", "pgd20_points", "autoattack_points",
                                                      "autoattack_stage_points")
-                              if r[w].get(f) is not None} for w in ro._checkpoints(r)}
+                              if r[w].get(f) is not None} for w in ro.checkpoints_of(r)}
                       for k, r in sorted(table_recs.items())},
         "n_runs": {"trials": len(trial_recs), "table": len(table_recs)},
-        "compute_min": {"trials_train": sum(ro._train_s(r) for r in trial_recs.values()) / 60,
-                        "table_train": sum(ro._train_s(r) for r in table_recs.values()) / 60,
+        "compute_min": {"trials_train": sum(ro.train_seconds(r) for r in trial_recs.values()) / 60,
+                        "table_train": sum(ro.train_seconds(r) for r in table_recs.values()) / 60,
                         "autoattack": sum(r.get("autoattack_seconds") or 0 for r in recs.values()) / 60},
         "wall_clock_min": (time.time() - t_start) / 60 if t_start is not None else None,
         "missing": list(missing),
@@ -400,11 +400,11 @@ def render_markdown(res: dict) -> str:
     lines += ["", "| Method | trials | chosen setting | seeds | AA best | AA final | AA diff | PGD-20 best | "
               "PGD-20 final | PGD-20 diff | Clean final | best epochs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, e in res["methods"].items():
-        eps_ = ", ".join(f"{r['best']['epoch']:.0f}" for r in ro._runs(e))
+        eps_ = ", ".join(f"{r['best']['epoch']:.0f}" for r in ro.runs_of(e))
         lines.append(f"| {e['label']} | {e['trials']} | {_values_s(e['setting'])} | "
-                     f"{','.join(map(str, e['seeds_used']))} | {ro._fmt(e['best'], 'autoattack')} | "
-                     f"{ro._fmt(e['final'], 'autoattack')} | {ro._diff(e, 'autoattack')} | {ro._fmt(e['best'], 'pgd20')} | "
-                     f"{ro._fmt(e['final'], 'pgd20')} | {ro._diff(e, 'pgd20')} | {ro._fmt(e['final'], 'clean')} | "
+                     f"{','.join(map(str, e['seeds_used']))} | {ro.fmt(e['best'], 'autoattack')} | "
+                     f"{ro.fmt(e['final'], 'autoattack')} | {ro.diff_str(e, 'autoattack')} | {ro.fmt(e['best'], 'pgd20')} | "
+                     f"{ro.fmt(e['final'], 'pgd20')} | {ro.diff_str(e, 'pgd20')} | {ro.fmt(e['final'], 'clean')} | "
                      f"{eps_} |")
     lines += [""] + ro.render_paired(res["paired"], s)
     c = res["compute_min"]
@@ -474,7 +474,7 @@ def import_trials(path: Path, trials: dict, grid: dict, p: dict, key: str):
             continue
         ov = rec.get("overrides")
         if not (isinstance(ov, list) and all(isinstance(o, str) for o in ov)) or \
-                ro._norm_overrides(ov) != ro._norm_overrides(t["overrides"]) or rec.get("preset") != t["preset"]:
+                ro.norm_overrides(ov) != ro.norm_overrides(t["overrides"]) or rec.get("preset") != t["preset"]:
             notes.append(f"{t['key']}: trained with other overrides or preset in {path}; not imported")
             continue
         recs[t["key"]] = {**rec, "imported": rec.get("imported") or prov}

@@ -33,16 +33,25 @@ __all__ = ["__version__", "ADR", "SGLR", "LTD", "KDSelfTeachers", "OneHot", "Lab
            "build_objective", "soft_cross_entropy", "kd_loss", "trades_kl"]
 
 
+# Subpackages and modules reachable as attributes after `import rb_labelrefine as rl` (rl.models,
+# rl.data, ...), imported on first access like the names above; optional extras (timm, robustbench,
+# matplotlib) are imported only when a function that needs them is called.
+_SUBMODULES = ("attacks", "averaging", "compat", "config", "data", "doctor", "evaluation", "export", "leaderboard",
+               "losses", "models", "objectives", "plots", "quickstart", "rectifiers", "runs", "training")
+
+
 def __getattr__(name):
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # sets the attribute on this package
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'rb_labelrefine' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

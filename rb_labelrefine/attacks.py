@@ -11,8 +11,8 @@ downgrades ``requests``/``urllib3`` in the user's environment -- while the attac
 needs are a few lines of torch.  These follow torchattacks 3.5.1's update rules and random-number
 draws operation for operation (same random start, same projection, same clamping), so a run gives
 the same x' with either; ``tests/test_objectives.py`` checks that against torchattacks whenever it
-is installed.  ``apgd`` is the one attack taken from torchattacks (``pip install
-"rb-labelrefine[attacks]"``).
+is installed.  ``apgd`` is the one attack taken from torchattacks (the ``attacks`` extra; install
+it as the README's "torchattacks" section says, without its dependencies).
 
 BatchNorm during the attack (``bn_mode``): the official ADR and KD+SWA code craft x' with the
 model in train mode (batch statistics, running statistics updated); TRADES' and most
@@ -22,6 +22,9 @@ Random start (``start``): ``default`` is the attack's own -- PGD: x + U(-eps, ep
 [0, 1]; TPGD: x + 0.001 N(0, 1) clamped.  ``uniform`` (x + s U[0, 1), not clamped: the ADR code's
 ``util/trades_attack.py``) and ``normal`` (x + s N(0, 1), not clamped: the TRADES code's
 ``trades_loss``) run the same iterations from that start (``s = start_std``, 0.001 in both codes).
+``uniform_eps`` is x + U(-eps, eps) clamped for TPGD too (PGD's own start; the DM-Improves-AT
+code's ``gowal21uncovering/utils/trades.py``).  ``bn_mode="train_frozen"``: BatchNorm in train
+mode without updating its running statistics (that code's ``track_bn_stats(model, False)``).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from ._optional import require
 __all__ = ["build_attack", "default_attack_name", "Attack", "PGD", "PGDL2", "TPGD", "FGSM", "MIFGSM",
            "START_KINDS"]
 
-START_KINDS = ("default", "uniform", "normal")
+START_KINDS = ("default", "uniform", "normal", "uniform_eps")
 
 
 def default_attack_name(objective: str) -> str:
@@ -78,9 +81,17 @@ class Attack:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
         was_training = self.model.training
         self._enter_mode()
+        frozen = []
+        if getattr(self, "_freeze_bn_stats", False):  # bn_mode train_frozen: batch statistics, no update
+            frozen = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      and m.track_running_stats]
+            for m in frozen:
+                m.track_running_stats = False
         try:
             return self.forward(images.clone().detach(), None if labels is None else labels.clone().detach())
         finally:
+            for m in frozen:
+                m.track_running_stats = True
             self.model.train(was_training)
 
     def forward(self, images, labels):  # pragma: no cover - abstract
@@ -100,7 +111,9 @@ def _project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Ten
     return torch.clamp(x + torch.clamp(x_adv - x, min=-eps, max=eps), min=0, max=1).detach()
 
 
-def _small_start(images: torch.Tensor, kind: str, std: float) -> torch.Tensor:
+def _small_start(images: torch.Tensor, kind: str, std: float, eps: float = 0.0) -> torch.Tensor:
+    if kind == "uniform_eps":
+        return torch.clamp(images + torch.empty_like(images).uniform_(-eps, eps), min=0, max=1).detach()
     noise = torch.rand_like(images) if kind == "uniform" else torch.randn_like(images)
     return (images + std * noise).detach()  # no clamp, as both public codes
 
@@ -124,7 +137,7 @@ class PGD(Attack):
     def forward(self, images, labels):
         x_adv = images.clone().detach()
         if self.start != "default":
-            x_adv = _small_start(images, self.start, self.start_std)
+            x_adv = _small_start(images, self.start, self.start_std, self.eps)
         elif self.random_start:
             x_adv = torch.clamp(x_adv + torch.empty_like(x_adv).uniform_(-self.eps, self.eps), min=0, max=1).detach()
         for _ in range(self.steps):
@@ -178,7 +191,7 @@ class TPGD(Attack):
         # in between, so the order relative to the start's noise does not change x'.
         p_clean = F.softmax(self.model(images).detach(), dim=1)
         if self.start != "default":
-            x_adv = _small_start(images, self.start, self.start_std)
+            x_adv = _small_start(images, self.start, self.start_std, self.eps)
         else:
             x_adv = torch.clamp(images + 0.001 * torch.randn_like(images), min=0, max=1).detach()
         for _ in range(self.steps):
@@ -223,8 +236,8 @@ def build_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps
     name = name.lower()
     if norm not in ("Linf", "L2"):
         raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
-    if bn_mode not in ("train", "eval"):
-        raise ValueError(f"bn_mode must be 'train' or 'eval', got {bn_mode!r}")
+    if bn_mode not in ("train", "eval", "train_frozen"):
+        raise ValueError(f"bn_mode must be 'train', 'eval' or 'train_frozen', got {bn_mode!r}")
     _check_start(start)
     if start != "default" and (name not in ("pgd", "tpgd") or norm != "Linf" or not random_start):
         raise ValueError(f"start={start!r} is implemented for Linf PGD and TPGD with a random start, "
@@ -250,7 +263,8 @@ def build_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps
         atk = MIFGSM(model, eps=eps, alpha=alpha, steps=steps)
     else:
         raise ValueError(f"unknown attack {name!r}; choose pgd, tpgd, apgd, fgsm or mifgsm")
-    train = bn_mode == "train"
+    train = bn_mode in ("train", "train_frozen")
+    atk._freeze_bn_stats = bn_mode == "train_frozen"
     # dropout stays off while attacking, as in the reference implementations
     atk.set_model_training_mode(model_training=train, batchnorm_training=train, dropout_training=False)
     return atk

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["EMA", "SWA", "AWP", "SAMAWP", "build_awp", "scale_decay", "bn_update", "frozen_bn_stats"]
+__all__ = ["EMA", "SWA", "AWP", "SAMAWP", "build_awp", "scale_decay", "bn_update", "frozen_bn_stats",
+           "upgrade_legacy_state", "GowalEMA"]
 
 
 def scale_decay(decay: float, steps_per_epoch: int, reference_steps_per_epoch: Optional[int]) -> float:
@@ -85,14 +87,69 @@ class EMA(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def state_dict(self, *args, **kwargs):
-        return {"module": self.module.state_dict(), "num_updates": self.num_updates.clone(), "decay": self.decay}
+    # nn.Module's state_dict contract (prefix, destination, keep_vars: a parent that holds an EMA
+    # saves it under its own prefix, as timm's ModelEmaV3): the averaged weights as ``module.*``,
+    # the count as the ``num_updates`` buffer, the settings as extra state.
+    def get_extra_state(self) -> dict:
+        return {"decay": self.decay, "warmup_steps": self.warmup_steps}
 
-    def load_state_dict(self, state, strict: bool = True):
-        self.module.load_state_dict(state["module"], strict=strict)
-        self.num_updates.copy_(state["num_updates"])
-        self._count = int(state["num_updates"])
+    def set_extra_state(self, state) -> None:
+        decay = _extra_field(state, "decay", float, "EMA")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA extra state: decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        if "warmup_steps" in state:   # (absent in the layout written before this one)
+            self.warmup_steps = _extra_field(state, "warmup_steps", int, "EMA")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._count = int(self.num_updates)   # the host copy follows the restored count
         self._pairs = None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also takes the layout rb_labelrefine wrote before this one (see :func:`upgrade_legacy_state`)."""
+        return super().load_state_dict(upgrade_legacy_state(state_dict), strict=strict, assign=assign)
+
+
+def _extra_field(state, key: str, kind, owner: str):
+    """``state[key]`` of an averager's extra state, checked to be a number of ``kind``."""
+    if not isinstance(state, dict) or key not in state:
+        raise ValueError(f"{owner} extra state has no {key!r}")
+    v = state[key]
+    if torch.is_tensor(v) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
+        raise ValueError(f"{owner} extra state: {key!r} is {v!r}, not {'an integer' if kind is int else 'a number'}")
+    return kind(v)
+
+
+# keys of the state dicts EMA / SWA returned before they kept nn.Module's contract
+_LEGACY_KEYS = {"num_updates": {"module", "num_updates", "decay"},
+                "n_averaged": {"module", "n_averaged", "start_epoch", "bn_stale"}}
+
+
+def upgrade_legacy_state(state):
+    """An :class:`EMA` / :class:`SWA` state dict in the layout written before they kept
+    ``nn.Module``'s contract (``{"module": {...}, "num_updates": t, "decay": d}``, and for SWA
+    ``{"module": {...}, "n_averaged": t, "start_epoch": e, "bn_stale": b}``) in today's layout
+    (``module.*``, the count buffer, ``_extra_state``); any other object is returned as it is.
+    Inside a dict (a rectifier's state, a whole checkpoint part) such states are upgraded where
+    they are found, so an old checkpoint resumes."""
+    if not isinstance(state, dict):
+        return state
+    count = next((c for c, keys in _LEGACY_KEYS.items() if c in state and set(state) <= keys), None)
+    if count is not None and isinstance(state.get("module"), dict):
+        inner = state["module"]
+        new = OrderedDict((f"module.{k}", v) for k, v in inner.items())
+        new[count] = state[count]
+        new["_extra_state"] = {k: state[k] for k in ("decay", "start_epoch", "bn_stale") if k in state}
+        if getattr(inner, "_metadata", None) is not None:   # (module versions, e.g. BatchNorm's)
+            new._metadata = OrderedDict((f"module.{k}" if k else "module", v) for k, v in inner._metadata.items())
+        return new
+    upgraded = {k: upgrade_legacy_state(v) for k, v in state.items()}
+    if all(upgraded[k] is state[k] for k in state):
+        return state   # nothing old inside: the very same object
+    return upgraded
 
 
 def _batchnorms(model: nn.Module):
@@ -202,14 +259,18 @@ class SWA(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def state_dict(self, *args, **kwargs):
-        return {"module": self.module.state_dict(), "n_averaged": self.n_averaged.clone(),
-                "start_epoch": self.start_epoch, "bn_stale": self.bn_stale}
+    # nn.Module's state_dict contract, as :class:`EMA`: ``module.*``, the ``n_averaged`` buffer,
+    # and the settings as extra state
+    def get_extra_state(self) -> dict:
+        return {"start_epoch": self.start_epoch, "bn_stale": self.bn_stale}
 
-    def load_state_dict(self, state, strict: bool = True):
-        self.module.load_state_dict(state["module"], strict=strict)
-        self.n_averaged.copy_(state["n_averaged"])
+    def set_extra_state(self, state) -> None:
+        self.start_epoch = _extra_field(state, "start_epoch", int, "SWA")
         self.bn_stale = bool(state.get("bn_stale", True))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also takes the layout rb_labelrefine wrote before this one (see :func:`upgrade_legacy_state`)."""
+        return super().load_state_dict(upgrade_legacy_state(state_dict), strict=strict, assign=assign)
 
 
 class AWP:
@@ -370,3 +431,58 @@ def build_awp(variant: str, model: nn.Module, gamma: float, proxy_lr: float = 0.
     if variant == "sam":
         return SAMAWP(model, gamma=gamma)
     raise ValueError(f"AWP variant must be 'wu2020' or 'sam', got {variant!r}")
+
+
+class GowalEMA(EMA):
+    """Weight averaging in the form of Gowal et al. 2020 as the DM-Improves-AT code writes it
+    (``gowal21uncovering/utils/watrain.py``: ``ema_update`` after every optimizer step, then
+    ``update_bn`` at the end of each epoch):
+
+    * after the ``t``-th update (t = 1, 2, ...): while ``t < warmup_point`` the average is the
+      trained weights (decay 0); afterwards decay ``min(decay, (1 + d) / (10 + d))`` with
+      ``d = t - warmup_point`` (the code's ``dynamic_decay``; ``warmup_point`` = 0.025 x all steps);
+    * parameters only: the BatchNorm statistics (and every other buffer) are the trained model's --
+      the code points the average's running statistics at the model's at each epoch end, so they
+      are the same tensors whenever the average is evaluated.
+    """
+    dynamic = True
+
+    def __init__(self, model: nn.Module, decay: float = 0.995, warmup_point: float = 0.0):
+        super().__init__(model, decay=decay, warmup_steps=0)
+        if warmup_point < 0:
+            raise ValueError(f"warmup_point must be >= 0, got {warmup_point}")
+        self.warmup_point = float(warmup_point)
+
+    def decay_at(self, t: int) -> float:
+        """The code's decay after the ``t``-th update (0 = copy)."""
+        if t < self.warmup_point:
+            return 0.0
+        d = t - self.warmup_point
+        return min(self.decay, (1.0 + d) / (10.0 + d)) if 10.0 + d != 0 else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if self._pairs is None or self._pairs[4] is not model:
+            ema_p, src_p = list(self.module.parameters()), list(model.parameters())
+            if len(ema_p) != len(src_p):
+                raise ValueError("EMA: the model's parameters do not match the averaged copy")
+            self._pairs = (ema_p, src_p, list(self.module.buffers()), list(model.buffers()), model)
+        ema_p, src_p, ema_b, src_b, _ = self._pairs
+        self.num_updates += 1
+        self._count += 1
+        decay = self.decay_at(self._count)
+        if decay == 0.0:
+            torch._foreach_copy_(ema_p, src_p)
+        else:
+            # the code: p_avg *= decay; p_avg += p * (1 - decay)
+            torch._foreach_mul_(ema_p, decay)
+            torch._foreach_add_(ema_p, src_p, alpha=1.0 - decay)
+        if ema_b:
+            torch._foreach_copy_(ema_b, src_b)
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "warmup_point": self.warmup_point, "form": "gowal"}
+
+    def set_extra_state(self, state) -> None:
+        super().set_extra_state(state)
+        self.warmup_point = _extra_field(state, "warmup_point", float, "EMA")

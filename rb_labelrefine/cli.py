@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import re
 import sys
 import traceback
 import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_IO, EXIT_CHECK_FAILED = 0, 1, 2, 3, 4, 5
-EXIT_INTERNAL = 70
-
-
-class UsageError(ValueError):
-    """A bad command-line argument (exit code 2)."""
+from .errors import (EXIT_CHECK_FAILED, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO,  # noqa: F401
+                     EXIT_OK, EXIT_SECOND_SIGNAL, EXIT_USAGE, PackageError, UsageError, exit_code_of)
 
 
 def _note(msg: str) -> None:
@@ -67,12 +62,17 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .training.trainer import Trainer
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, _flat(args.set))
 
     summary = Trainer(cfg, args.out, resume=args.resume, progress=not args.quiet).fit()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, not one per rank
         print(_summary_line(summary))
     return EXIT_OK
+
+
+def _flat(groups) -> list:
+    """``--set A=1 B=2 --set C=3`` -> ``["A=1", "B=2", "C=3"]`` (each flag takes one or more pairs)."""
+    return [item for group in groups or [] for item in (group if isinstance(group, list) else [group])]
 
 
 def _summary_line(s: dict) -> str:
@@ -104,20 +104,34 @@ def _load_for_eval(path: str, which: str):
         raise FileNotFoundError(f"--checkpoint: {p} does not exist")
     if p.is_file():
         if p.suffix != ".safetensors":
-            raise UsageError(f"--checkpoint: expected a run directory or a .safetensors weights file, got {p}")
+            raise UsageError(f"--checkpoint: expected a run directory, an export directory or a .safetensors "
+                             f"weights file, got {p}")
         which = {RUN_FILES["best"]: "best", RUN_FILES["final"]: "final"}.get(p.name)
-        if which is None:
-            raise UsageError(f"--checkpoint: {p.name} is not best.safetensors/final.safetensors of a run directory")
+        if which is None:        # an export's <Name>.safetensors (downloaded or not): it describes itself
+            return _load_export_for_eval(p)
         p = p.parent
+    elif (p / "export.json").is_file() and not (p / RUN_FILES["config"]).exists():
+        return _load_export_for_eval(p)
     return (*load_run_model(p, which, log=_note), p, which)
+
+
+def _load_export_for_eval(p: Path):
+    """An export (directory or .safetensors) as ``_load_for_eval`` returns a run: its test split and
+    threat model come from the export's own description (``--eps``/``--norm``/``--data-root`` apply)."""
+    from .config import Config
+    from .export.publish import load_export_for_eval
+
+    model, info, tm, eps, which = load_export_for_eval(p)
+    cfg = Config()                  # only data.name (the test split) and the threat model are read
+    cfg.data.name, cfg.attack.norm, cfg.attack.eps = info.name, tm, eps
+    cfg.data.val_fraction = 0.0
+    return model, cfg, info, p, which
 
 
 def cmd_eval(args) -> int:
     import torch
 
-    from .data import build_datasets
-    from .evaluation.autoattack import run_autoattack
-    from .training.trainer import _stack
+    from .evaluation.checkpoint import evaluate_checkpoint, run_test_split, stack_test_points
 
     if args.n is not None and args.n < 1:
         raise UsageError(f"--n: must be >= 1 (the number of test points), got {args.n}")
@@ -128,18 +142,14 @@ def cmd_eval(args) -> int:
     if args.json:
         _check_output_file(args.json, "--json")  # before AutoAttack, not after it
     model, cfg, info, run_dir, which = _load_for_eval(args.checkpoint, args.which)
-    root = args.data_root or cfg.data.root
-    _, _, test_ds, _ = build_datasets(cfg.data.name, root=root, val_fraction=cfg.data.val_fraction,
-                                      train_subset=cfg.data.train_subset, seed=cfg.data.seed,
-                                      test_subset=cfg.data.test_subset)
-    x, y = _stack(test_ds, args.n)
+    test_ds = run_test_split(cfg, args.data_root)   # the run's own test points (its subsets, its seed)
     eps = args.eps if args.eps is not None else cfg.attack.eps
     norm = args.norm or cfg.attack.norm
     attacks = args.attacks.split(",") if args.attacks else None
     version = "custom" if attacks else args.version
-    res = run_autoattack(model, x, y, norm=norm, eps=eps, version=version, attacks=attacks,
-                         device="cuda" if torch.cuda.is_available() else "cpu", batch_size=args.batch_size,
-                         seed=args.seed)
+    res = evaluate_checkpoint(which=which, model=model, cfg=cfg, test_data=test_ds, n=args.n, suite=args.version,
+                              attacks=attacks, norm=norm, eps=eps, seed=args.seed, batch_size=args.batch_size)
+    x, y = stack_test_points(test_ds, args.n)   # (the sanity checks' points: the same ones)
     out = {"checkpoint": str(run_dir), "which": which, "dataset": info.name, "norm": norm, "eps": eps,
            "autoattack": res}
     print(f"{info.name} {norm} eps={eps:.4f}: clean {res['clean_acc']:.2f}%  AutoAttack ({version}) "
@@ -191,11 +201,11 @@ def _check_output_file(path: str, what: str) -> None:
 # ----------------------------------------------------------------------------- export
 def _read_results(path: str, run_dir: Path, which: str) -> tuple[dict, dict]:
     """``(autoattack, sanity)`` of an ``eval --json`` file, checked to be about this checkpoint."""
+    from .results_schema import check_eval_json
+
     p = Path(path)
-    data = _read_json_arg(path, "--results")
-    if not isinstance(data, dict) or not isinstance(data.get("autoattack"), dict):
-        raise UsageError(f"--results: {p} has no 'autoattack' result; write it with "
-                         f"`rb-labelrefine eval --checkpoint RUN --json {p.name}`")
+    # every field the export reads, typed and ranged (eps required, sanity's shape), exit 2 naming it
+    data = check_eval_json(_read_json_arg(path, "--results"), f"--results: {p}")
     if data.get("which", which) != which:
         raise UsageError(f"--results: {p} holds the {data['which']!r} checkpoint's evaluation, the export is of "
                          f"{which!r}; pass --which {data['which']} or evaluate --which {which}")
@@ -205,11 +215,7 @@ def _read_results(path: str, run_dir: Path, which: str) -> tuple[dict, dict]:
         src_dir = src_dir.parent if src_dir.suffix == ".safetensors" else src_dir
         if src_dir.exists() and src_dir.resolve() != run_dir.resolve():
             raise UsageError(f"--results: {p} evaluated {src_dir}, not {run_dir}")
-    aa = dict(data["autoattack"])
-    for key in ("norm", "eps"):            # eval --json keeps them beside the result
-        if aa.get(key) is None and data.get(key) is not None:
-            aa[key] = data[key]
-    return aa, data.get("sanity")
+    return data["autoattack"], data.get("sanity")   # the outer norm/eps filled in (check_eval_json)
 
 
 def cmd_export(args) -> int:
@@ -222,11 +228,24 @@ def cmd_export(args) -> int:
     if args.results:
         autoattack, sanity = _read_results(args.results, p, args.which)
         autoattack = {args.which: autoattack}
+    hub = None
+    if args.push_to_hub:
+        from .export.hub import check_repo_id, hub_client
+
+        check_repo_id(args.push_to_hub)
+        hub = hub_client()          # before the export: a missing extra is said before any work
     written = export_run(p, args.out, name=args.name, which=args.which, threat_model=args.threat_model,
                          autoattack=autoattack, sanity=sanity, additional_data=args.extra_data,
-                         dataset=args.dataset, overwrite=args.overwrite, log=_note)
+                         dataset=args.dataset, overwrite=args.overwrite, log=_note, model_name=args.model_name,
+                         authors=args.authors, link=args.link, venue=args.venue,
+                         checkpoint_url=f"https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else None)
     for k, v in written.items():
-        print(f"{k:14s} {v}")
+        print(f"{k:15s} {v}")
+    if hub is not None:
+        from .export.hub import push_export
+
+        url = push_export(args.out, args.push_to_hub, private=args.private, api=hub, log=_note)
+        print(f"{'hub':15s} {url}")
     return EXIT_OK
 
 
@@ -234,6 +253,10 @@ def cmd_export(args) -> int:
 def cmd_leaderboard(args) -> int:
     from .leaderboard import format_rank, format_table, load_snapshot, rank
 
+    if args.n is not None and not 1 <= args.n <= 10 ** 9:
+        raise UsageError(f"--n: the number of test points must be in [1, 1,000,000,000], got {args.n}")
+    if args.top is not None and args.top < 0:
+        raise UsageError(f"--top: must be >= 0 (0: all entries), got {args.top}")
     if args.model_info or args.results:
         what, path = ("--model-info", args.model_info) if args.model_info else ("--results", args.results)
         result = _read_json_arg(path, what)
@@ -248,22 +271,18 @@ def cmd_leaderboard(args) -> int:
     else:
         print(format_table(load_snapshot(), args.dataset, args.threat_model, top=args.top))
         return EXIT_OK
-    print(format_rank(rank(result, args.dataset, args.threat_model, extra_data=True if args.extra_data else None)))
+    source = f"{what}: {path}" if (args.model_info or args.results) else "the arguments"
+    print(format_rank(rank(result, args.dataset, args.threat_model, extra_data=True if args.extra_data else None,
+                           source=source)))
     return EXIT_OK
 
 
 def _read_json_arg(path: str, what: str):
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{what}: {p} is a directory, not a JSON file")
-    if not p.exists():
-        raise FileNotFoundError(f"{what}: {p} does not exist")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UsageError(f"{what}: {p} is not UTF-8 text") from None
-    except ValueError as exc:
-        raise UsageError(f"{what}: {p} is not valid JSON ({exc})") from None
+    """A JSON input: a regular file (never a FIFO or device) of at most 16 MiB, nested at most 32
+    levels, NaN/Infinity refused; every problem is exit 2 naming ``what`` and the path."""
+    from .safe_files import read_json
+
+    return read_json(path, what, max_bytes=16 << 20, max_depth=32)
 
 
 # ----------------------------------------------------------------------------- quickstart
@@ -280,6 +299,13 @@ def cmd_quickstart(args) -> int:
     print(f"export       {Path(export['model_card']).parent}  (model card: {export['model_card']})")
     print(f"took {summary['total_seconds']:.0f}s on {summary['machine']}")
     return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- doctor
+def cmd_doctor(args) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main()
 
 
 # ----------------------------------------------------------------------------- parser
@@ -310,14 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a preset or a YAML config")
     t.add_argument("--config", required=True, help="preset name (see `configs`) or path to a YAML file")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.epochs=2 (repeatable)")
+    t.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set train.epochs=2 data.batch_size=64 (one or more "
+                        "pairs per flag; the flag is repeatable)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bars / per-epoch lines")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="AutoAttack (official) on a trained run's test split")
-    e.add_argument("--checkpoint", required=True, help="run directory or its best/final .safetensors")
+    e.add_argument("--checkpoint", required=True, help="run directory or its best/final .safetensors; or an export "
+                                                       "directory or its <Name>.safetensors")
     e.add_argument("--which", choices=("best", "final"), default="best")
     e.add_argument("--n", type=int, default=None, help="first N test points (n_ex)")
     e.add_argument("--version", default="standard", choices=("standard", "plus", "rand"))
@@ -332,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="export a run in RobustBench format with a model card")
-    x.add_argument("--checkpoint", required=True, help="run directory")
+    x.add_argument("--checkpoint", required=True, help="run directory (or its best/final .safetensors)")
     x.add_argument("--out", required=True)
     x.add_argument("--name", default=None, help="RobustBench-style model name")
     x.add_argument("--which", choices=("best", "final"), default="best")
@@ -343,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an `eval --json` file (AutoAttack and sanity) for this checkpoint: its numbers go "
                         "into the card and model_info")
     x.add_argument("--extra-data", action="store_true", help="the model was trained with extra data")
+    x.add_argument("--model-name", default=None, metavar="TEXT",
+                   help="model_info's name, shown on RobustBench's leaderboard (RobustBench's own entries use the "
+                        "paper's title; default: '<method title> (rb_labelrefine)')")
+    x.add_argument("--authors", default=None, metavar="TEXT", help="model_info's authors, e.g. 'A. Author, B. Author'")
+    x.add_argument("--link", default=None, metavar="URL", help="model_info's link (the paper or the model page)")
+    x.add_argument("--venue", default=None, metavar="TEXT", help="model_info's venue, e.g. 'ICLR 2024'")
+    x.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="upload the export to this Hugging Face Hub model repository (user/name) with "
+                        "huggingface_hub (extra [hub]; the token from `hf auth login` or HF_TOKEN)")
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     x.add_argument("--dataset", default=None, choices=("cifar10", "cifar100", "imagenet"),
                    help="the RobustBench slot (default: the run's data set; the model's input shape and "
                         "classes must fit it)")
@@ -350,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("leaderboard", help="where a result ranks on RobustBench's leaderboard (a shipped, dated "
                                             "snapshot of its model_info)")
-    lb.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100"))
+    lb.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "imagenet"))
     lb.add_argument("--threat-model", default="Linf", choices=("Linf", "L2"))
     lb.add_argument("--autoattack", type=float, default=None, help="your AutoAttack accuracy (%%)")
     lb.add_argument("--clean", type=float, default=None, help="your clean accuracy (%%)")
@@ -359,9 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--model-info", default=None, help="an exported model_info JSON")
     lb.add_argument("--results", default=None, metavar="FILE", help="an `eval --json` file")
     lb.add_argument("--n", type=int, default=None,
-                    help="points the result was measured on (fewer than 10,000: not comparable)")
+                    help="points the result was measured on (fewer than the benchmark's 10,000 -- ImageNet: "
+                         "5,000 -- is not comparable)")
     lb.add_argument("--top", type=int, default=20)
     lb.set_defaults(func=cmd_leaderboard)
+
+    d = sub.add_parser("doctor", help="check the environment (torch and devices, the AutoAttack backend, "
+                                      "RobustBench's files against its RECORD, requests/urllib3, the extras): one "
+                                      "line per item with the repair command; exit 0 healthy, 1 not")
+    d.set_defaults(func=cmd_doctor)
 
     c = sub.add_parser("configs", help="list the presets")
     c.add_argument("--show", default=None, metavar="NAME", help="print a preset, resolved")
@@ -377,6 +421,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
     warnings.filterwarnings("ignore", message=".*torch.jit.interface.*")
+    restore = _stop_on_sigterm(args.command) if args.command in ("export", "eval") else None
     try:
         code = args.func(args)
     except BaseException as exc:  # noqa: BLE001 - every error becomes a message and an exit code
@@ -390,45 +435,53 @@ def main(argv=None) -> int:
                 print(message, file=sys.stderr, flush=True)
             else:
                 _err(message)
+    finally:
+        if restore is not None:
+            restore()
     return code
 
 
+class CommandStopped(PackageError):
+    """SIGTERM during ``export``/``eval``: stopped where it was; nothing half-written is left."""
+    exit_code = EXIT_INTERRUPTED
+
+
+def _stop_on_sigterm(command: str):
+    """Make SIGTERM during ``export``/``eval`` an exception (exit 3 with a message) rather than a
+    silent death (143): the export's staging directory is removed on the way out, and ``eval
+    --json`` writes its file only at the end, atomically.  Returns the function restoring the
+    previous handler (None where no handler can be set, e.g. outside the main thread)."""
+    import signal
+
+    done = {"export": "nothing was exported (the staging directory was removed; an earlier export in --out is "
+                      "unchanged)",
+            "eval": "no result was written"}[command]
+
+    def handler(signum, frame):
+        raise CommandStopped(f"{command} stopped by {signal.Signals(signum).name}: {done}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def _classify(exc: BaseException):
-    """``(exit code, message)`` of an error by its cause; ``(None, None)`` for what must propagate."""
-    from ._optional import MissingExtraError
-    from .config import ConfigError
+    """``(exit code, message)`` of an error by its cause; ``(None, None)`` for what must propagate.
 
-    # An error of a type defined in a module can only exist once that module was imported: look
-    # the torch-side types up in sys.modules, so that `configs` and `leaderboard` errors do not
-    # import torch just to be classified.
-    def types_of(module: str, *names: str) -> tuple:
-        mod = sys.modules.get(f"{__package__}.{module}")
-        return tuple(getattr(mod, n) for n in names) if mod is not None else ()
-
-    CorruptDatasetError = types_of("data.errors", "CorruptDatasetError") or (_Unraised,)
-    DatasetNotFoundError = types_of("data.errors", "DatasetNotFoundError") or (_Unraised,)
-    NonFiniteLossError, ResumeError, TrainingInterrupted = (types_of(
-        "training.errors", "NonFiniteLossError", "ResumeError", "TrainingInterrupted") or (_Unraised,) * 3)
-    StorageError, UnsafeCheckpointError = types_of("training.io", "StorageError", "UnsafeCheckpointError") or \
-        (_Unraised,) * 2
-
+    The package's own errors carry their exit code (rb_labelrefine/errors.py, a leaf: classifying
+    imports nothing else); OS errors are I/O (4) or a bad path (2); anything else is a bug (70) --
+    a plain ``ValueError`` included."""
     if isinstance(exc, SystemExit):
         return None, None
-    if isinstance(exc, TrainingInterrupted):
-        return EXIT_INTERRUPTED, str(exc)
+    code = exit_code_of(exc)
+    if code is not None:
+        return code, str(exc)
     if isinstance(exc, KeyboardInterrupt):
         # a second signal during training (or Ctrl-C outside it): stop now; files written so
         # far are complete (atomic writes), the last checkpoint is resumable
-        return 130, "interrupted"
-    if isinstance(exc, MissingExtraError):   # an optional dependency: the message names the extra
-        return EXIT_USAGE, str(exc)
-    if isinstance(exc, NonFiniteLossError):
-        return EXIT_FAILED, str(exc)
-    if isinstance(exc, StorageError):
-        return EXIT_IO, str(exc)
-    if isinstance(exc, (ConfigError, UsageError, ResumeError, DatasetNotFoundError, CorruptDatasetError,
-                        UnsafeCheckpointError)):
-        return EXIT_USAGE, str(exc)
+        return EXIT_SECOND_SIGNAL, "interrupted"
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return EXIT_USAGE, _os_message(exc)
     if isinstance(exc, OSError):
@@ -437,14 +490,8 @@ def _classify(exc: BaseException):
         return EXIT_IO, _os_message(exc)
     if isinstance(exc, MemoryError):
         return EXIT_IO, "out of memory"
-    if isinstance(exc, ValueError):
-        return EXIT_USAGE, str(exc)
     return EXIT_INTERNAL, (f"internal error: {type(exc).__name__}: {str(exc).strip()[:500]} (rerun with --debug for "
                            "the traceback, and please report it)")
-
-
-class _Unraised(Exception):
-    """Stands in for an error type whose module was never imported (so nothing raised it)."""
 
 
 def _os_message(exc: OSError) -> str:

@@ -24,35 +24,28 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import ConfigError  # defined in the leaf errors.py, with its exit code
+
 __all__ = [
     "ConfigError", "Config", "load_config", "list_presets", "apply_overrides", "config_to_dict",
     "config_from_dict", "validate", "check_runnable", "make_method", "parse_method", "dump_config",
 ]
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "synthetic")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "synthetic", "imagenet")
 OBJECTIVES = ("pgd_at", "trades", "natural")
 ATTACKS = ("pgd", "tpgd", "apgd", "fgsm", "mifgsm")
 NORMS = ("Linf", "L2")
-BN_MODES = ("train", "eval")
+BN_MODES = ("train", "eval", "train_frozen")
 EVAL_MODELS = ("auto", "raw", "ema", "swa")
 VAL_ATTACK_NAMES = ("pgd_ce", "pgd_margin", "pgd_dlr")   # = evaluation.pgd.VAL_ATTACKS (no torch import here)
-SCHEDULES = ("multistep", "cosine", "constant")
+SCHEDULES = ("multistep", "cosine", "constant", "onecycle", "peak_cosine")
+OPTIMIZERS = ("sgd", "adamw")
 TRADES_FORWARDS = ("separate", "concat", "three_pass", "three_pass_adv_first")
-ATTACK_STARTS = ("default", "uniform", "normal")
+ATTACK_STARTS = ("default", "uniform", "normal", "uniform_eps")
+WA_FORMS = ("timm", "gowal")
+AUX_BATCH_FORMS = ("add", "split")
 SWA_BN_FORMS = ("equal", "code")
 AWP_VARIANTS = ("wu2020", "sam")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, of the wrong type or out of range."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"config field '{field}': {message}")
-
-    def __reduce__(self):  # picklable, so it crosses process-pool boundaries intact
-        return (type(self), (self.field, self.message))
 
 
 @dataclass
@@ -75,6 +68,23 @@ class DataConfig:
     # batch_size 256, aux_fraction 0.75)
     aux: Optional[str] = None
     aux_fraction: float = 0.0
+    # add: aux_count(batch_size, aux_fraction) generated images stacked under batch_size real ones
+    # (the ADR code); split: batch_size is the whole batch, int(batch_size * aux_fraction) of it
+    # generated (the Carmon / Gowal / Wang et al. 2023 SemiSupervisedSampler: 512 = 154 + 358)
+    aux_batch: str = "add"
+    # an epoch is ceil(epoch_images / whole batch) steps, each epoch's real images the head of a
+    # fresh permutation (the SemiSupervisedSampler's num_batches = ceil(50000 / batch) on CIFAR);
+    # None: an epoch is one pass over the real training split
+    epoch_images: Optional[int] = None
+    # imagenet only (ImageFolder root/train, root/val; rb_labelrefine/data/imagenet.py): the crop size of
+    # RandomResizedCrop (training) and of RobustBench's Res256Crop224 scaled with it (evaluation); null: 224
+    image_size: Optional[int] = None
+    # where training batches are built (rb_labelrefine/training/stream.py): true = images kept on the
+    # training device as uint8, whole batches gathered and crop+flipped there from a generator seeded
+    # per (seed, epoch, batch); false = per item through a DataLoader (augmentation from the global
+    # RNG); auto = true on a CUDA device when the data set is a tensor set that fits in a quarter of
+    # its free memory, else false (so CPU runs keep their numbers)
+    device_resident: str = "auto"
 
 
 @dataclass
@@ -109,6 +119,9 @@ class AttackConfig:
     # TRADES attack); normal = x + start_std N(0, 1), no clamp (the TRADES code)
     start: str = "default"
     start_std: float = 0.001
+    # (uniform_eps: x + U(-eps, eps) clamped to [0, 1], for TPGD too -- the DM-Improves-AT code's
+    # TRADES attack.  bn_mode train_frozen: BatchNorm in train mode (batch statistics) without
+    # updating its running statistics -- that code's track_bn_stats(model, False) around the attack)
 
 
 @dataclass
@@ -116,6 +129,12 @@ class WAConfig:
     enabled: bool = False
     decay: float = 0.995
     warmup_epochs: float = 0.0      # copy the raw weights (no averaging) before this point
+    # timm: parameters and float buffers averaged with the fixed decay (ModelEmaV2, the ADR code);
+    # gowal: Gowal et al. 2020's WA as the DM-Improves-AT code's ema_update -- parameters only,
+    # decay min(decay, (1 + d) / (10 + d)) at d = updates - W, copies while updates < W, BatchNorm
+    # statistics taken from the trained model (its update_bn)
+    form: str = "timm"
+    warmup_fraction: float = 0.0    # gowal: W = warmup_fraction * all training steps (the code: 0.025)
 
 
 @dataclass
@@ -163,6 +182,21 @@ class OptimConfig:
     # locuslab PGD-AT code's lr_schedule(epoch + (i + 1) / n), each decay one step earlier.
     lr_lag_steps: int = 0
     bn_weight_decay: bool = True    # false: no weight decay on normalisation-layer weights and biases
+    # schedule onecycle: torch's OneCycleLR(max_lr=lr, pct_start, total_steps=train.epochs) with
+    # its defaults (cosine, div_factor 25, final_div_factor 1e4), stepped once per epoch -- the
+    # DM-Improves-AT code's "cosinew"; cycle_momentum: its momentum cycle 0.95 -> 0.85 -> 0.95
+    # replaces optim.momentum (torch's default, so the code's)
+    onecycle_pct_start: float = 0.025
+    cycle_momentum: bool = True
+    # sgd | adamw (torch.optim.AdamW with optim.betas; momentum and nesterov unused): Singh et al. 2023
+    name: str = "sgd"
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    # no weight decay on parameters with ndim <= 1 and on biases (Singh et al.'s code, timm's convention)
+    no_decay_1d: bool = False
+    # schedule peak_cosine (Singh et al.'s get_cosine_lr): per epoch e, linear from warmup_start_lr to lr
+    # over warmup_epochs, then lr_min + (lr - lr_min) (1 + cos(pi (e - P) / (E - P))) / 2; within an
+    # epoch linear between the values of e and e + 1
+    lr_min: float = 0.0
 
 
 @dataclass
@@ -182,6 +216,9 @@ class TrainConfig:
     channels_last: bool = False
     amp: Optional[str] = None       # None | bf16 | fp16
     compile: bool = False
+    # BatchNorm momentum of the first training step (then each layer's own): 1.0 = running
+    # statistics start from the first batch's (Haiku's initialisation; the DM-Improves-AT code)
+    bn_first_step_momentum: Optional[float] = None
 
 
 @dataclass
@@ -189,6 +226,9 @@ class EvalConfig:
     model: str = "auto"             # which weights are validated/exported: auto picks swa > ema > raw
     val_attack_steps: int = 10      # PGD-10 on the validation split picks the best checkpoint (ADR)
     select_by: str = "auto"         # robust | clean | auto (clean for objective natural, else robust)
+    # the split the best checkpoint is selected on: val (the held-out split; a run without one is
+    # refused) | test (the ADR code's choice: the test curve; recorded as best.selected_on)
+    select_on: str = "val"
     # the validation attack behind select_by=robust: pgd_ce (ADR's PGD-10) | pgd_margin | pgd_dlr.
     # Not pgd_ce: history.json has val_pgd (CE) and val_<attack> every epoch, and the CE-selected
     # checkpoint is kept beside best as best_pgd_ce.safetensors, so a table can report both.
@@ -235,6 +275,11 @@ def config_to_dict(cfg: Config) -> dict:
     return out
 
 
+_INT_LIMIT = 2 ** 53          # integers beyond this are not exact as floats and no count or seed needs them
+SEED_MAX = 2 ** 32 - 1       # numpy's legacy seeding takes [0, 2**32)
+BATCH_MAX = 1 << 20
+
+
 def _coerce(path: str, value: Any, annotation: str, default: Any) -> Any:
     """Coerce a YAML/CLI value to the declared field type, or raise ConfigError naming the field."""
     ann = str(annotation)
@@ -256,7 +301,11 @@ def _coerce(path: str, value: Any, annotation: str, default: Any) -> Any:
                 raise TypeError
             if isinstance(value, float) and not value.is_integer():
                 raise TypeError
-            return int(value)
+            out = int(value)
+            if not -_INT_LIMIT <= out <= _INT_LIMIT:   # 1e30, a 5,000-digit integer: no field takes such a count
+                shown = f"an integer of {out.bit_length()} bits" if out.bit_length() > 128 else repr(value)
+                raise ConfigError(path, f"must be an integer of magnitude at most {_INT_LIMIT:,}, got {shown}")
+            return out
         if base == "float":
             if isinstance(value, bool):
                 raise TypeError
@@ -382,7 +431,8 @@ def validate(cfg: Config) -> Config:
     d = cfg.data
     _check(d.name in DATASETS, "data.name", f"unknown data set {d.name!r}; choose one of {sorted(DATASETS)}")
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
-    _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _check(1 <= d.batch_size <= BATCH_MAX, "data.batch_size", f"must be in [1, {BATCH_MAX}], got {d.batch_size}")
+    _check(0 <= d.seed <= SEED_MAX, "data.seed", f"must be in [0, {SEED_MAX}], got {d.seed}")
     _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", "must be >= 1")
     _check(d.test_subset is None or d.test_subset >= 1, "data.test_subset", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -390,6 +440,18 @@ def validate(cfg: Config) -> Config:
         _check(d.train_subset >= d.batch_size, "data.drop_last",
                f"drop_last with train_subset={d.train_subset} < batch_size={d.batch_size} leaves no training step")
     _check(0.0 <= d.aux_fraction < 1.0, "data.aux_fraction", f"must be in [0, 1), got {d.aux_fraction}")
+    _check(d.aux_batch in AUX_BATCH_FORMS, "data.aux_batch",
+           f"must be one of {list(AUX_BATCH_FORMS)}, got {d.aux_batch!r}")
+    _check(d.epoch_images is None or d.epoch_images >= 1, "data.epoch_images", "must be >= 1 or null")
+    _check(d.image_size is None or d.image_size >= 1, "data.image_size", "must be >= 1 or null")
+    _check(d.image_size is None or d.name == "imagenet", "data.image_size",
+           f"applies to data.name=imagenet only (the {d.name} images have their own size)")
+    d.device_resident = str(d.device_resident).lower()   # YAML true/false arrive as booleans
+    _check(d.device_resident in ("auto", "true", "false"), "data.device_resident",
+           f"must be auto, true or false, got {d.device_resident!r}")
+    if d.aux_batch == "split" and d.aux_fraction > 0:
+        _check(d.batch_size - int(d.batch_size * d.aux_fraction) >= 1, "data.aux_batch",
+               f"split leaves no real image in a batch of {d.batch_size} at aux_fraction {d.aux_fraction}")
 
     _check(bool(cfg.model.arch), "model.arch", "must name an architecture")
 
@@ -423,6 +485,11 @@ def validate(cfg: Config) -> Config:
 
     _check(0.0 <= cfg.wa.decay < 1.0, "wa.decay", f"must be in [0, 1), got {cfg.wa.decay}")
     _check(cfg.wa.warmup_epochs >= 0, "wa.warmup_epochs", "must be >= 0")
+    _check(cfg.wa.form in WA_FORMS, "wa.form", f"must be one of {list(WA_FORMS)}, got {cfg.wa.form!r}")
+    _check(0.0 <= cfg.wa.warmup_fraction < 1.0, "wa.warmup_fraction",
+           f"must be in [0, 1), got {cfg.wa.warmup_fraction}")
+    _check(cfg.wa.form == "gowal" or cfg.wa.warmup_fraction == 0, "wa.warmup_fraction",
+           "is the gowal form's warm-up; with wa.form=timm use wa.warmup_epochs")
     _check(cfg.swa.start_epoch is None or cfg.swa.start_epoch >= 0, "swa.start_epoch", "must be >= 0")
     _check(cfg.swa.bn_form in SWA_BN_FORMS, "swa.bn_form",
            f"must be one of {list(SWA_BN_FORMS)}, got {cfg.swa.bn_form!r}")
@@ -445,6 +512,18 @@ def validate(cfg: Config) -> Config:
            f"must be shorter than training (train.epochs={cfg.train.epochs}), got {op.warmup_epochs}")
     _check(0 <= op.warmup_start_lr <= op.lr, "optim.warmup_start_lr",
            f"must be in [0, optim.lr={op.lr}], got {op.warmup_start_lr}")
+    _check(0 < op.onecycle_pct_start < 1, "optim.onecycle_pct_start",
+           f"must be in (0, 1), got {op.onecycle_pct_start}")
+    _check(op.name in OPTIMIZERS, "optim.name", f"must be one of {list(OPTIMIZERS)}, got {op.name!r}")
+    _check(len(op.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in op.betas), "optim.betas",
+           f"must be two numbers in [0, 1), got {op.betas!r}")
+    _check(0 <= op.lr_min <= op.lr, "optim.lr_min", f"must be in [0, optim.lr={op.lr}], got {op.lr_min}")
+    if op.schedule == "peak_cosine":
+        _check(op.lr_lag_steps == 0, "optim.lr_lag_steps", "must be 0 with optim.schedule=peak_cosine")
+    if op.schedule == "onecycle":
+        _check(op.warmup_epochs == 0 and op.lr_lag_steps == 0, "optim.schedule",
+               "onecycle has its own warm-up (optim.onecycle_pct_start): set optim.warmup_epochs=0 and "
+               "optim.lr_lag_steps=0")
 
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
@@ -452,11 +531,14 @@ def validate(cfg: Config) -> Config:
            f"must be auto, cpu, cuda[:N] or mps, got {t.device!r}")
     _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip",
            f"must be > 0 (a gradient-norm bound) or null, got {t.grad_clip}")
-    _check(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1")
+    _check(t.threads is None or 1 <= t.threads <= 4096, "train.threads", f"must be in [1, 4096], got {t.threads}")
+    _check(0 <= t.seed <= SEED_MAX, "train.seed", f"must be in [0, {SEED_MAX}], got {t.seed}")
     _check(t.reference_steps_per_epoch is None or t.reference_steps_per_epoch >= 1,
            "train.reference_steps_per_epoch", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(t.amp in (None, "bf16", "fp16"), "train.amp", f"must be null, bf16 or fp16, got {t.amp!r}")
+    _check(t.bn_first_step_momentum is None or 0 < t.bn_first_step_momentum <= 1, "train.bn_first_step_momentum",
+           f"must be in (0, 1] or null, got {t.bn_first_step_momentum}")
 
     e = cfg.eval
     _check(e.model in EVAL_MODELS, "eval.model", f"must be one of {list(EVAL_MODELS)}")
@@ -466,13 +548,16 @@ def validate(cfg: Config) -> Config:
         _check(cfg.swa.enabled, "eval.model", "eval.model=swa needs swa.enabled=true")
     _check(e.val_attack_steps >= 1, "eval.val_attack_steps", "must be >= 1")
     _check(e.select_by in ("auto", "robust", "clean"), "eval.select_by", "must be auto, robust or clean")
+    _check(e.select_on in ("val", "test"), "eval.select_on", f"must be val or test, got {e.select_on!r}")
+    _check(e.select_on == "val" or e.val_attack == "pgd_ce", "eval.val_attack",
+           f"{e.val_attack} is a validation attack; with eval.select_on: test the test curve's PGD selects")
     _check(e.val_attack in VAL_ATTACK_NAMES, "eval.val_attack",
            f"must be one of {list(VAL_ATTACK_NAMES)}, got {e.val_attack!r}")
     _check(e.test_attack_steps >= 1, "eval.test_attack_steps", "must be >= 1")
     _check(e.test_every >= 1, "eval.test_every", "must be >= 1")
     _check(e.autoattack_n is None or e.autoattack_n >= 1, "eval.autoattack_n",
            f"must be >= 1 (or null: the whole test split), got {e.autoattack_n}")
-    _check(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    _check(1 <= e.batch_size <= BATCH_MAX, "eval.batch_size", f"must be in [1, {BATCH_MAX}], got {e.batch_size}")
     _check(e.curve_test_size is None or e.curve_test_size >= 1, "eval.curve_test_size", "must be >= 1 or null")
     _check(e.autoattack_version in ("standard", "plus", "rand"), "eval.autoattack_version",
            "must be standard | plus | rand (custom attack lists: rb-labelrefine eval --attacks ...)")
@@ -506,11 +591,96 @@ def list_presets() -> list[str]:
                   if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
+# Bounds of a config file (a downloaded run's config.yaml is untrusted input): a config is a few
+# KB; alias expansion and nesting are bounded before anything is built from the document.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 20_000     # nodes of the document with every alias expanded (an "anchor bomb": 2^k)
+
+
+class _YAMLLimit(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (naming the key) and documents nested more
+    than :data:`MAX_YAML_DEPTH` levels or larger than :data:`MAX_YAML_NODES` nodes once aliases are
+    expanded; both bounds are checked on the composed node graph, before any object is built."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _YAMLLimit(f"nested more than {MAX_YAML_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue    # the base class reports an unhashable key
+                if key in seen:
+                    raise _YAMLLimit(f"duplicate key {key!r} (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
+                                     "a key may appear once per mapping")
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root) -> int:
+    """Nodes of the document with every alias expanded, computed on the (shared) node graph in
+    linear time; stops counting once over the limit."""
+    sizes: dict = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _safe_yaml(text: str):
+    """``yaml.safe_load`` of one document within the bounds above (``_YAMLLimit`` otherwise)."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_NODES:
+            raise _YAMLLimit(f"expands to more than {MAX_YAML_NODES:,} values (aliases of aliases); a config is "
+                             "far smaller")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(text: str, origin: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = _safe_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError("--config", f"{origin} is not valid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError("--config", f"{origin} holds a value that cannot be read: {str(exc)[:200]}") from None
     if data is None:  # an empty file is a mistake, not "train the defaults"
         raise ConfigError("--config", f"{origin} is empty (no config in it)")
     if not isinstance(data, dict):
@@ -529,12 +699,21 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _read_text(path: Path, origin: str, field: str) -> str:
+    """The file's text: a regular file (never a FIFO or device), at most MAX_CONFIG_BYTES, UTF-8;
+    the config.yaml of a run directory is never read through a link."""
+    from .safe_files import UnsafeFileError, read_bytes
+
+    inside_run = path.name == "config.yaml"
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(field, f"{origin} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        data = read_bytes(path, max_bytes=MAX_CONFIG_BYTES, follow_links=not inside_run)
+    except UnsafeFileError as exc:
+        raise ConfigError(field, f"{origin}: {exc.problem}") from None
     except OSError as exc:
         raise ConfigError(field, f"cannot read {origin}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(field, f"{origin} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def load_raw(name_or_path: str, _chain: tuple = ()) -> dict:
@@ -588,9 +767,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not key:
             raise ConfigError(item, "empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _safe_yaml(raw) if raw.strip() else None
+        except _YAMLLimit as exc:
+            raise ConfigError(key, f"--set value: {exc}") from None
         except yaml.YAMLError:
             value = raw
+        except (ValueError, RecursionError) as exc:   # e.g. an integer of more than 4300 digits
+            raise ConfigError(key, f"--set value cannot be read: {str(exc)[:200]}") from None
         _set_path(data, key, value)
     return data
 

@@ -1,9 +1,11 @@
 """Fast paths of the training step: AMP, channels_last, ``torch.compile``, sync-free checks.
 
-The trainer builds one :class:`StepRuntime` at the end of its setup and routes the few places of
-``Trainer.train_step`` that differ between the plain and the fast paths through it:
+The numeric pieces live here (rectifiers use :func:`teacher_forward`); the trainer's
+:class:`~rb_labelrefine.training.step.StepRuntime` puts them together, and routes the few places of
+``Trainer.train_step`` that differ between the plain and the fast paths through them:
 
-* ``train.channels_last``: the model (and frozen teachers) use ``torch.channels_last``.  The batch
+* ``train.channels_last``: the model (and the rectifier's teachers, ``Rectifier.modules()``) use
+  ``torch.channels_last``.  The batch
   itself stays NCHW: a convolution whose weight is channels_last produces channels_last outputs
   anyway, and torchattacks draws its random start with ``empty_like(x).uniform_()`` *in memory
   order* -- a channels_last x would permute the noise and change the run.  So the option changes
@@ -22,7 +24,7 @@ The trainer builds one :class:`StepRuntime` at the end of its setup and routes t
   (``train.log_every``) and at the last step of every epoch -- :class:`NonFiniteGuard`.
 * distributed data parallel (:mod:`rb_labelrefine.training.distributed`): the training forward goes
   through DDP, the attack through the unwrapped module, and the step's collectives (buffers, per-
-  sample state, stop signals, the non-finite flag) are issued here.
+  sample state, the stop-signal agreement, the non-finite flag) are issued by ``StepRuntime``.
 
 Teachers run under ``torch.inference_mode`` (:func:`teacher_forward`); the result is cloned into a
 normal tensor because inference tensors cannot be saved for backward (KD's targets are).
@@ -38,7 +40,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["AMP_DTYPES", "teacher_forward", "autocast", "FloatLogits", "make_grad_scaler", "NonFinite",
-           "NonFiniteGuard", "StepRuntime", "compile_module"]
+           "NonFiniteGuard", "compile_module"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -160,122 +162,3 @@ class NonFiniteGuard:
 def _fmt(loss: torch.Tensor) -> str:
     return str(loss.float().item())
 
-
-class StepRuntime:
-    """The per-step glue the trainer calls; see the module docstring.
-
-    Attributes the trainer uses: ``attack_model`` (what the attack differentiates), ``train_model``
-    (what the training loss runs through: DDP / compiled / float-logit wrapped), ``is_main``.
-    """
-
-    def __init__(self, trainer, dist=None):
-        cfg, self.device = trainer.cfg, trainer.device
-        t = cfg.train
-        self.dist = dist
-        self.amp = t.amp
-        self.channels_last = bool(t.channels_last)
-        self.trainer = trainer
-        model = trainer.model
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-            for m in _frozen_teachers(trainer.rectifier):
-                m.to(memory_format=torch.channels_last)
-        attack_model = compile_module(model) if t.compile else model
-        if dist is not None and dist.enabled:
-            dist.shard_loader(trainer)
-            dist.broadcast_replicas(trainer)
-            train_model = dist.wrap(model)           # DDP: gradients are averaged in backward
-            if t.compile:
-                train_model = compile_module(train_model)
-        else:
-            train_model = attack_model
-        if self.amp is not None:
-            attack_model, train_model = FloatLogits(attack_model), FloatLogits(train_model)
-        self.attack_model, self.train_model = attack_model, train_model
-        attack = getattr(trainer.objective, "attack", None)
-        if attack is not None and attack_model is not model:
-            attack.set_model(attack_model)           # built once; torchattacks keeps its settings
-        self.scaler = make_grad_scaler(self.device, self.amp)
-        if self.device.type == "cuda":  # page-locked batches: the loop's non_blocking copies become asynchronous
-            trainer.train_loader.pin_memory = True
-        per_step = self.device.type == "cpu"
-        self.guard = NonFiniteGuard(per_step, check_every=t.log_every,
-                                    any_rank=dist.any_true if dist is not None and dist.enabled else None)
-        if trainer.awp is not None:
-            trainer.awp.grad_transform = self._awp_grad_transform
-
-    # ------------------------------------------------------------------ per step
-    @property
-    def is_main(self) -> bool:
-        return self.dist is None or self.dist.is_main
-
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        # channels_last: deliberately not converted (see the module docstring: random starts)
-        return x
-
-    def autocast(self):
-        return autocast(self.device, self.amp)
-
-    def _loss_weight(self, n_local: int) -> float:
-        return 1.0 if self.dist is None or not self.dist.enabled else self.dist.loss_weight(
-            n_local, self.trainer.global_step, self.trainer)
-
-    def awp_loss(self, objective, x, x_adv, target) -> Callable[[nn.Module], torch.Tensor]:
-        """AWP's proxy loss: float32 logits under AMP, the rank's share of the global batch under
-        DDP (its gradients are averaged across ranks by ``AWP.grad_transform``)."""
-        w = self._loss_weight(x.shape[0])
-        wrap = FloatLogits if self.amp is not None else (lambda m: m)
-
-        def fn(m):
-            loss = objective.loss(wrap(m), x, x_adv, target)[0]
-            if w != 1.0:
-                loss = loss * w
-            return self.scaler.scale(loss) if self.scaler is not None else loss
-        return fn
-
-    def _awp_grad_transform(self, grads):
-        if self.scaler is not None:  # scaled fp16 gradients: the direction is what AWP uses; an overflow gives none
-            grads = [None if g is None else torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-        if self.dist is not None and self.dist.enabled:
-            grads = self.dist.average(grads)
-        return grads
-
-    def nonfinite(self, loss: torch.Tensor) -> Optional[NonFinite]:
-        tr = self.trainer
-        return self.guard(loss, tr.global_step, tr.steps_per_epoch)
-
-    def backward(self, loss: torch.Tensor, n_local: int) -> None:
-        w = self._loss_weight(n_local)
-        if w != 1.0:
-            loss = loss * w
-        if self.scaler is not None:
-            loss = self.scaler.scale(loss)
-        loss.backward()
-
-    def unscale_(self, optimizer) -> None:
-        """Before gradient clipping."""
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-
-    def after_update(self) -> None:
-        """After the optimizer step (and AWP's restore), before the averagers follow the weights."""
-        if self.dist is not None and self.dist.enabled:
-            self.dist.after_update(self.trainer, self.guard)
-
-    def reduce_epoch_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> int:
-        """Distributed: the epoch's sums over all ranks (in place); returns the global count."""
-        if self.dist is not None and self.dist.enabled:
-            return self.dist.reduce_epoch_sums(loss_sum, correct, seen)
-        return seen
-
-
-def _frozen_teachers(rectifier):
-    """nn.Modules a rectifier holds (EMA teachers, frozen teachers)."""
-    return [v for v in vars(rectifier).values() if isinstance(v, nn.Module)]

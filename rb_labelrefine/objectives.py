@@ -4,9 +4,10 @@ PGD-AT (Madry et al. 2018):  min_theta E max_{||d|| <= eps} CE(f(x + d), t)
 TRADES (Zhang et al. 2019):  CE(f(x), t) + beta * KL(softmax f(x) || softmax f(x'))
 
 ``t`` is whatever the rectifier gives (one-hot for the baselines).  Each objective has two
-calls: ``adversarial(model, x, target)`` crafts x' (torchattacks) and
-``loss(model, x, x_adv, target)`` returns ``(loss, logits_adv)`` -- separate so AWP can evaluate
-the same loss at perturbed weights for the same x'.
+calls: ``adversarial(model, x, target)`` crafts x' with its attack acting on ``model`` (the model
+passed in, whatever model the attack was built with) and ``loss(model, x, x_adv, target)`` returns
+the pair ``(loss, logits_adv)`` -- ``loss, logits = obj.loss(...)``; ``loss.backward()`` on the
+first -- separate so AWP can evaluate the same loss at perturbed weights for the same x'.
 """
 from __future__ import annotations
 
@@ -19,6 +20,27 @@ from .rectifiers.base import Target
 __all__ = ["PGDAT", "TRADES", "Natural", "build_objective"]
 
 
+def _attack_on(attack, model: nn.Module, x: torch.Tensor, labels) -> torch.Tensor:
+    """``attack(x, labels)`` with the attack acting on ``model``.
+
+    An attack with a ``model`` attribute (this package's, torchattacks') is pointed at ``model``
+    for this call and back at its own model afterwards, so the caller's model is the one attacked
+    and the attack object is left as it was; a plain callable is called as it is.
+    """
+    own = getattr(attack, "model", None)
+    if own is None or own is model:
+        return attack(x, labels)
+    set_model = getattr(attack, "set_model", None)
+    if set_model is None:
+        def set_model(m):
+            attack.model = m
+    set_model(model)
+    try:
+        return attack(x, labels)
+    finally:
+        set_model(own)
+
+
 class PGDAT:
     name = "pgd_at"
 
@@ -26,7 +48,7 @@ class PGDAT:
         self.attack = attack
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
-        return self.attack(x, target.for_attack)  # rectified label in the attack too (ADR Eq. 2)
+        return _attack_on(self.attack, model, x, target.for_attack)  # rectified label in the attack too (ADR Eq. 2)
 
     def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, target: Target):
         logits_adv = model(x_adv)
@@ -47,6 +69,15 @@ class TRADES:
       after ``logits = model(x_natural)``) -- the running statistics are updated three times;
     * ``three_pass_adv_first``: f(x') and f(x) for the KL term, then f(x) for the CE term (the
       TRADES-AWP code's ``train_trades_cifar.py``).
+
+    Forward passes per training step (after the attack): the default ``separate`` makes **two**;
+    the TRADES code (yaodongyu/TRADES ``trades.py``: ``logits = model(x_natural)``, then
+    ``criterion_kl(F.log_softmax(model(x_adv)), F.softmax(model(x_natural)))``) makes **three** --
+    ``TRADES(attack, beta=6, forward="three_pass")``, which the ``*-trades`` presets use.  The
+    loss values are equal in eval mode; in train mode they differ only through BatchNorm.
+
+    ``loss(model, x, x_adv, target)`` returns ``(loss, logits_adv)``:
+    ``loss, logits = obj.loss(model, x, x_adv, target)``.
     """
     name = "trades"
     FORWARDS = ("separate", "concat", "three_pass", "three_pass_adv_first")
@@ -62,7 +93,7 @@ class TRADES:
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
         # TPGD maximises KL(f(x) || f(x')) and ignores labels; other attacks get the labels
-        return self.attack(x, target.for_attack)
+        return _attack_on(self.attack, model, x, target.for_attack)
 
     def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, target: Target):
         # three_pass*: the KL's natural side is a pass of its own (equal logits in train mode, as

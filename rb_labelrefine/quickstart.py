@@ -24,11 +24,9 @@ def _train_and_attack(method: str, preset: str, run_dir: str, overrides, progres
     import torch
 
     from .config import load_config
-    from .data import build_datasets
-    from .evaluation.autoattack import run_autoattack
-    from .runs import load_run_model
+    from .evaluation.checkpoint import evaluate_checkpoint
     from .training.io import atomic_write_json
-    from .training.trainer import Trainer, _stack
+    from .training.trainer import Trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -38,18 +36,38 @@ def _train_and_attack(method: str, preset: str, run_dir: str, overrides, progres
     log = (lambda msg: print(f"{tag} {msg}", file=sys.stderr, flush=True))
     log(f"training {preset} -> {run_dir}")
     res = Trainer(cfg, run_dir, progress=progress, log=log, resume=(run_dir / "checkpoint.pt").exists()).fit()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _, _ = load_run_model(run_dir, "best", device=device)
-    _, _, test_ds, _ = build_datasets(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction,
-                                      seed=cfg.data.seed)
-    x, y = _stack(test_ds, autoattack_n)
-    log(f"AutoAttack (standard, official) on the best checkpoint (epoch {res['best_epoch']}), {len(y)} test points")
-    aa = run_autoattack(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps, version="standard",
-                        device=device, seed=0, attack_params=attack_params)
+    points = f"the first {autoattack_n}" if autoattack_n else "all"
+    log(f"AutoAttack (standard, official) on the best checkpoint (epoch {res['best_epoch']}), {points} test points")
+    # the run's own test points (its data.train_subset / test_subset included)
+    aa = evaluate_checkpoint(run_dir, "best", n=autoattack_n, suite="standard", seed=0, attack_params=attack_params)
     res["autoattack"] = {"best": aa}
     atomic_write_json(run_dir / "summary.json", res)
-    log(f"clean {aa['clean_acc']:.2f}%  AutoAttack {aa['robust_acc']:.2f}%  ({aa['elapsed_s']:.0f}s)")
+    log(f"clean {aa['clean_acc']:.2f}%  AutoAttack {aa['robust_acc']:.2f}% on {aa['n']} points  ({aa['elapsed_s']:.0f}s)")
     return method, res
+
+
+def check_out(out: Path) -> None:
+    """Refuse a used ``--out`` before any work: a finished quickstart (its ``summary.json`` or
+    ``export/``), or a directory holding anything but the two run directories of an interrupted
+    quickstart (which a rerun resumes)."""
+    from .errors import UsageError
+
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out: {out} is a dangling symbolic link")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    names = sorted(p.name for p in out.iterdir())
+    finished = [n for n in ("summary.json", "export") if n in names]
+    if finished:
+        raise UsageError(f"--out: {out} already holds a finished quickstart ({', '.join(finished)}); choose a new "
+                         "--out, or remove that directory to run it again (nothing was changed)")
+    foreign = [n for n in names if n not in QUICKSTART_PRESETS and n != "curves.png"]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UsageError(f"--out: {out} is not empty and not a quickstart's ({shown}); choose a new or empty --out "
+                         "(nothing was changed)")
 
 
 def run_quickstart(out_dir, *, progress: bool = True, autoattack_n: Optional[int] = None,
@@ -67,6 +85,7 @@ def run_quickstart(out_dir, *, progress: bool = True, autoattack_n: Optional[int
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
+    check_out(out)       # before any training or AutoAttack, not after them
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     jobs = jobs or min(len(QUICKSTART_PRESETS), os.cpu_count() or 1)

@@ -22,14 +22,18 @@ foreign: see :func:`check_fingerprint` for the rule.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .errors import BadInputError
 
 __all__ = ["RUN_FILES", "load_run_config", "load_run_model", "build_model_for", "read_weights",
            "write_weights", "info_from_metadata", "info_to_metadata", "check_name", "load_state_checked",
@@ -130,7 +134,7 @@ def check_fingerprint(cfg, stored: dict, what: str, *, require: bool = True) -> 
     fp = stored.get("config_fingerprint") if isinstance(stored, dict) else None
     if fp is None:
         if require:
-            raise ValueError(f"{what} carries no run fingerprint, so nothing proves it belongs to this run "
+            raise BadInputError(f"{what} carries no run fingerprint, so nothing proves it belongs to this run "
                              "(written by hand or by an older rb_labelrefine); start a new run")
         return []
     if fp == config_fingerprint(cfg):
@@ -156,7 +160,7 @@ def check_fingerprint(cfg, stored: dict, what: str, *, require: bool = True) -> 
     diff.sort(key=lambda k: (k not in mine or k not in theirs, k))  # changed values first: the telling ones
     shown = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine.get(k)!r} in config.yaml" for k in diff[:6])
     more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
-    raise ValueError(f"{what} belongs to another run ({shown or 'its config fingerprint differs'}{more}); "
+    raise BadInputError(f"{what} belongs to another run ({shown or 'its config fingerprint differs'}{more}); "
                      "it was not used and nothing was changed")
 
 
@@ -217,22 +221,62 @@ def write_weights(model: torch.nn.Module, path, metadata: Optional[dict] = None)
     return atomic_write_bytes(path, save(state, metadata=meta))
 
 
-def read_weights(path) -> tuple[dict, dict]:
-    """Read a safetensors file: ``(state_dict, metadata)``.  Never executes code."""
+MAX_WEIGHTS_BYTES = 64 << 30   # the largest weights file read (a WRN-70-16 in float32: 1.1 GB)
+
+
+def read_weights(path, *, follow_links: Optional[bool] = None) -> tuple[dict, dict]:
+    """Read a safetensors file: ``(state_dict, metadata)``.  Never executes code.
+
+    The file must be a regular file (a FIFO or device is refused before it can hang or flood the
+    reader) of at most :data:`MAX_WEIGHTS_BYTES`, read through the descriptor that was checked; a
+    run directory's own weights (``best``/``final``/``best_pgd_ce.safetensors``) are never read
+    through a symbolic link (``follow_links`` None: other names, e.g. a teacher's file named in a
+    config, may be links)."""
     from safetensors import safe_open
 
+    from .safe_files import open_regular
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a safetensors file")
+    if follow_links is None:
+        follow_links = path.name not in {RUN_FILES[k] for k in ("best", "final", "best_pgd_ce")}
+    if not os.path.lexists(path):
+        raise FileNotFoundError(errno.ENOENT, f"weights file not found: {path}", str(path))
+    fd = open_regular(path, max_bytes=MAX_WEIGHTS_BYTES, follow_links=follow_links)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"{path} is not a valid safetensors file ({exc})") from None
+        via = f"/proc/self/fd/{fd}"
+        source = via if os.path.exists(via) else str(path)
+        try:
+            with safe_open(source, framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise BadInputError(f"{path} is not a valid safetensors file ({str(exc)[:300]})") from None
+    finally:
+        os.close(fd)
     return state, meta
+
+
+def check_weight_values(state: dict, expected: dict, where: str) -> None:
+    """Refuse weights whose values cannot be the model's (exit 2 naming the tensor): a tensor of a
+    floating-point parameter or buffer that is not floating point (int8, bool, complex -- loading
+    would cast it silently) or holds NaN/inf; an integer buffer (BatchNorm's counter) that is not
+    an integer."""
+
+    for k, want in expected.items():
+        v = state.get(k)
+        if v is None or not torch.is_tensor(v):
+            continue
+        if want.is_floating_point():
+            if not v.is_floating_point():
+                raise BadInputError(f"{where}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}, not floating "
+                                    f"point (the model's is {str(want.dtype).replace('torch.', '')}); refusing to cast it")
+            bad = int((~torch.isfinite(v)).sum()) if v.numel() else 0
+            if bad:
+                raise BadInputError(f"{where}: tensor {k!r} holds {bad} non-finite value(s) (NaN/inf) of {v.numel()}; "
+                                    "the weights are broken")
+        elif v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise BadInputError(f"{where}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}, the model's is "
+                                f"{str(want.dtype).replace('torch.', '')}")
 
 
 def check_name(value, field: str) -> str:
@@ -240,21 +284,21 @@ def check_name(value, field: str) -> str:
     naming ``field``."""
     if not isinstance(value, str) or not NAME_RE.match(value):
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise ValueError(f"{field}: {shown} is not a valid name: it must start with a letter and use only letters, "
+        raise BadInputError(f"{field}: {shown} is not a valid name: it must start with a letter and use only letters, "
                          "digits, '_' and '-' (it becomes a file name and a model-zoo key), e.g. "
                          "'Author2026_Method_Arch'")
     if len(value) > NAME_MAX:
-        raise ValueError(f"{field}: the name has {len(value)} characters; at most {NAME_MAX} are allowed")
+        raise BadInputError(f"{field}: the name has {len(value)} characters; at most {NAME_MAX} are allowed")
     return value
 
 
 def _int_field(d: dict, key: str, where: str) -> int:
     v = d.get(key)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{where}: data_info.{key} must be an integer, got {v!r}"
+        raise BadInputError(f"{where}: data_info.{key} must be an integer, got {v!r}"
                          + (" (missing)" if key not in d else ""))
     if not 1 <= v <= _INFO_LIMITS[key]:
-        raise ValueError(f"{where}: data_info.{key} must be in [1, {_INFO_LIMITS[key]}], got {v}")
+        raise BadInputError(f"{where}: data_info.{key} must be in [1, {_INFO_LIMITS[key]}], got {v}")
     return v
 
 
@@ -262,9 +306,9 @@ def _stats_field(d: dict, key: str, channels: int, where: str) -> tuple:
     v = d.get(key)
     if (not isinstance(v, list) or len(v) not in (1, channels)
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
-        raise ValueError(f"{where}: data_info.{key} must be a list of 1 or {channels} finite numbers, got {v!r}")
+        raise BadInputError(f"{where}: data_info.{key} must be a list of 1 or {channels} finite numbers, got {v!r}")
     if key == "std" and not all(x > 0 for x in v):
-        raise ValueError(f"{where}: data_info.std must be positive, got {v}")
+        raise BadInputError(f"{where}: data_info.std must be positive, got {v}")
     return tuple(float(x) for x in v)
 
 
@@ -278,18 +322,18 @@ def info_from_metadata(meta: dict, where: str = "the weights file"):
     from .data import DataInfo
 
     if "data_info" not in meta:
-        raise ValueError(f"{where} has no 'data_info' metadata (not written by rb_labelrefine?)")
+        raise BadInputError(f"{where} has no 'data_info' metadata (not written by rb_labelrefine?)")
     try:
         d = json.loads(meta["data_info"])
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: metadata data_info is not valid JSON ({exc})") from None
+        raise BadInputError(f"{where}: metadata data_info is not valid JSON ({exc})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: metadata data_info must be a JSON object, got {type(d).__name__}")
+        raise BadInputError(f"{where}: metadata data_info must be a JSON object, got {type(d).__name__}")
     name = check_name(d.get("name"), f"{where}: data_info.name")
     num_classes, channels, image_size = (_int_field(d, k, where) for k in ("num_classes", "channels", "image_size"))
     source = d.get("source", "")
     if not isinstance(source, str):
-        raise ValueError(f"{where}: data_info.source must be a string, got {type(source).__name__}")
+        raise BadInputError(f"{where}: data_info.source must be a string, got {type(source).__name__}")
     return DataInfo(name=name, num_classes=num_classes, channels=channels, image_size=image_size,
                     mean=_stats_field(d, "mean", channels, where), std=_stats_field(d, "std", channels, where),
                     source=source)
@@ -312,7 +356,8 @@ def load_state_checked(model: torch.nn.Module, state: dict, where: str, arch: st
     if shapes:
         problems.append("; ".join(shapes[:3]) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""))
     if problems:
-        raise ValueError(f"{where} does not match {arch}: " + "; ".join(problems))
+        raise BadInputError(f"{where} does not match {arch}: " + "; ".join(problems))
+    check_weight_values(state, expected, where)
     model.load_state_dict(state)
     return model
 
@@ -333,7 +378,7 @@ def load_run_model(run_dir, which: str = "best", device="cpu", log=None):
     were written (:func:`check_fingerprint`).
     """
     if which not in ("best", "final", "best_pgd_ce"):
-        raise ValueError(f"which must be 'best', 'final' or 'best_pgd_ce', got {which!r}")
+        raise BadInputError(f"which must be 'best', 'final' or 'best_pgd_ce', got {which!r}")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     path = run_dir / RUN_FILES[which]

@@ -3,7 +3,7 @@
 
     python scripts/update_leaderboard_snapshot.py /path/to/robustbench [--commit SHA --commit-date DATE]
 
-Reads ``model_info/{cifar10,cifar100}/{Linf,L2}/*.json`` (the files RobustBench's leaderboard is
+Reads ``model_info/{cifar10,cifar100}/{Linf,L2}/*.json`` and ``model_info/imagenet/Linf/*.json`` (the files RobustBench's leaderboard is
 built from; the PyPI wheel ships none) and ``LICENSE``; the commit and its date come from
 ``git -C PATH`` when PATH is a git checkout, else from ``--commit``/``--commit-date``.  Every
 field the ranking needs is kept as RobustBench writes it, plus the ranking key
@@ -20,8 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = {"cifar10": ("Linf", "L2"), "cifar100": ("Linf", "L2")}
+BENCHMARKS = {"cifar10": ("Linf", "L2"), "cifar100": ("Linf", "L2"), "imagenet": ("Linf",)}
 EPS = {"Linf": ("8/255", 8 / 255), "L2": ("0.5", 0.5)}
+DATASET_EPS = {("imagenet", "Linf"): ("4/255", 4 / 255)}    # RobustBench's ImageNet threat model
+TEST_POINTS = {"cifar10": 10000, "cifar100": 10000, "imagenet": 5000}   # imagenet: helper_files/imagenet_test_image_ids.txt
 OUT = Path(__file__).resolve().parents[1] / "rb_labelrefine" / "leaderboard" / "robustbench_snapshot.json"
 
 
@@ -89,7 +91,9 @@ def build(root: Path, commit: str, commit_date: str, today: str) -> dict:
                 continue
             rows = [read_entry(p) for p in files]
             rows.sort(key=lambda e: (-e["robust_acc"], -(e["clean_acc"] or 0.0), e["id"]))
-            benchmarks.setdefault(ds, {})[tm] = {"eps": EPS[tm][1], "eps_str": EPS[tm][0], "entries": rows}
+            eps_str, eps = DATASET_EPS.get((ds, tm), EPS[tm])
+            benchmarks.setdefault(ds, {})[tm] = {"eps": eps, "eps_str": eps_str, "test_points": TEST_POINTS[ds],
+                                                 "entries": rows}
     if "cifar10" not in benchmarks or "Linf" not in benchmarks.get("cifar10", {}):
         raise SystemExit(f"{root}: no model_info/cifar10/Linf/*.json -- is this a RobustBench checkout?")
     return {
@@ -105,7 +109,8 @@ def build(root: Path, commit: str, commit_date: str, today: str) -> dict:
         "ranking_key": "robust_acc = external if present (an evaluation beyond AutoAttack), else autoattack_acc; "
                        "descending (ACC_FIELDS in robustbench/utils.py, as the leaderboard pages sort); "
                        "ties here: higher clean_acc first, then id",
-        "units": "percent on the full test set (10,000 points)",
+        "units": "percent on RobustBench's test points (CIFAR: the full 10,000; ImageNet: its fixed 5,000-image "
+                 "validation subset): benchmarks.<dataset>.<threat model>.test_points",
         "fields": {
             "id": "RobustBench model id (the JSON's file name; the model-zoo name where the zoo has the model)",
             "external": "robust accuracy from an evaluation stronger than AutoAttack, when RobustBench lists one",

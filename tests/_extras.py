@@ -14,5 +14,5 @@ def need(*modules: str):
 
             install_hook()
         extra = EXTRAS.get(m.split(".")[0], "all")
-        mods.append(pytest.importorskip(m, reason=f'needs {m}: pip install "rb-labelrefine[{extra}]"'))
+        mods.append(pytest.importorskip(m, reason=f"needs {m} (extra [{extra}])"))
     return mods[0] if len(mods) == 1 else mods

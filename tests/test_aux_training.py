@@ -68,7 +68,7 @@ def _stop_at(monkeypatch, step: int):
     def train_step(self, *a, **k):
         out = orig(self, *a, **k)
         if self.global_step == step:
-            self._stop_signal = signal.SIGTERM
+            self.stop.request(signal.SIGTERM)
         return out
 
     monkeypatch.setattr(Trainer, "train_step", train_step)

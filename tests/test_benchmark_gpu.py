@@ -72,7 +72,7 @@ def test_device_reaches_the_trainer_config(ro, tmp_path, monkeypatch, device):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     job = ro.build_jobs(["pgd_at"], [0], ro.PRESETS["smoke"], tmp_path, device=device)[0]
     with pytest.raises(_Stop):
-        ro._run_job(job, "train")
+        ro.run_task(job, "train")
     # "cpu", not the config's default "auto" (which would pick a GPU where one is present)
     assert seen == {"device": device, "deterministic": device != "cpu"}
     assert calls == ([] if device == "cpu" else [((True,), {"warn_only": True})])
@@ -88,7 +88,7 @@ def test_device_reaches_autoattack_and_the_scored_model(ro, tmp_path, monkeypatc
     job["aa_n"] = 4
     out = Path(job["out_dir"])
     out.mkdir(parents=True)
-    ro._write_record(out / "benchmark_record.json", {"overrides": job["overrides"], "preset": job["preset"],
+    ro.write_record(out / "benchmark_record.json", {"overrides": job["overrides"], "preset": job["preset"],
                                                       "best": {"epoch": 1}, "final": {"epoch": 2}})
     g = torch.Generator().manual_seed(0)
     test = [(torch.rand(1, 28, 28, generator=g), i % 10) for i in range(8)]
@@ -108,7 +108,7 @@ def test_device_reaches_autoattack_and_the_scored_model(ro, tmp_path, monkeypatc
     monkeypatch.setattr(aa, "run_autoattack", fake_aa)
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    rec = ro._run_job(job, "aa")
+    rec = ro.run_task(job, "aa")
     assert loaded == [("best", device), ("final", device)] and attacked == [device, device]
     assert rec["best"]["autoattack_device"] == rec["final"]["autoattack_device"] == device
     assert rec["final"]["autoattack_points"] == "0000"

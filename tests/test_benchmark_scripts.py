@@ -83,7 +83,7 @@ def test_robust_overfitting_table_never_mixes_autoattack_sample_sizes():
     old = {"autoattack": 50.0, "autoattack_n": 100, "autoattack_per_attack": {"apgd-ce": 51.0},
            "pgd20_aa_points": 52.0, "pgd20": 54.0, "clean": 77.0}
     rec = {"best": dict(old), "final": dict(old, autoattack_n=300)}
-    out = ro._aa_at_n(rec, 300)
+    out = ro.aa_at_n(rec, 300)
     assert out["best"] == {"pgd20": 54.0, "clean": 77.0}
     assert out["final"] == rec["final"] and rec["best"] == old  # the input is not modified
 
@@ -103,7 +103,7 @@ def test_robust_overfitting_more_points_serve_a_smaller_table_with_their_first_p
            "autoattack_per_attack": {"apgd-ce": 62.5, "apgd-t": 50.0}, "pgd20_aa_points": 62.5,
            "pgd20_points": "1111000011", "pgd20": 60.0, "clean": 80.0}
     rec = {"best": dict(big), "final": {k: v for k, v in big.items() if k != "autoattack_points"}}
-    out = ro._aa_at_n(rec, 4)
+    out = ro.aa_at_n(rec, 4)
     b = out["best"]
     assert b["autoattack"] == 75.0 and b["autoattack_points"] == "1101" and b["autoattack_n"] == 4
     assert b["pgd20_aa_points"] == 100.0 and b["autoattack_first_of"] == 8 and b["autoattack_all"] == 50.0
@@ -112,10 +112,10 @@ def test_robust_overfitting_more_points_serve_a_smaller_table_with_their_first_p
     # per-stage accuracies on the first 4 points, from the per-stage outcomes (not the 8-point numbers)
     assert b["autoattack_per_attack"] == {"apgd-ce": 75.0, "apgd-t": 75.0}
     no_stages = {k: v for k, v in big.items() if k != "autoattack_stage_points"}
-    assert "autoattack_per_attack" not in ro._aa_at_n({"best": no_stages}, 4)["best"]
+    assert "autoattack_per_attack" not in ro.aa_at_n({"best": no_stages}, 4)["best"]
     assert "autoattack" not in out["final"] and out["final"]["pgd20"] == 60.0
-    assert ro._covers(big, 4) and ro._covers(big, 8) and not ro._covers(big, 9)
-    assert not ro._covers(rec["final"], 4)
+    assert ro.covers(big, 4) and ro.covers(big, 8) and not ro.covers(big, 9)
+    assert not ro.covers(rec["final"], 4)
     assert rec["best"] == big   # the input is not modified
 
 
@@ -155,8 +155,9 @@ def test_robust_overfitting_schedule_orders_skips_failures_and_takes_new_tasks(m
             raise RuntimeError("bad broke")
         return {"key": job["key"], "phase": phase}
 
-    monkeypatch.setattr(ro, "ProcessPoolExecutor", Pool)
-    monkeypatch.setattr(ro, "run_job", run_job)
+    run_mod = sys.modules["robust_overfitting.run"]   # where the scheduler lives (the package beside the script)
+    monkeypatch.setattr(run_mod, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(run_mod, "run_job", run_job)
     job = lambda k, deps=(): {"key": k, "deps": list(deps)}  # noqa: E731
     a, bad, c, d = job("a"), job("bad"), job("c", ["bad"]), job("d", ["a"])
     pending = [("train", bad), ("train", c), ("train", a), ("train", d)]
@@ -280,7 +281,7 @@ def test_robust_overfitting_import_results_round_trip_and_legacy_files(tmp_path)
     got, notes = ro.import_results(lf, jobs, p, out)
     assert set(got) == set(records), notes
     for k, r in records.items():
-        for w in ro._checkpoints(r):
+        for w in ro.checkpoints_of(r):
             # (the natural teacher's best: only its outcomes were kept, its numbers follow from them)
             keep = [x for x in r[w] if x != "autoattack_per_attack" and (
                 k != "natural_s0" or w != "best" or x in ("clean", "pgd20", "clean_points", "pgd20_points"))]
@@ -417,9 +418,9 @@ def test_robust_overfitting_train_minutes_of_a_resumed_run_cover_every_process(t
     recs = {"a": {"run_dir": str(run), "wall_train_seconds": 20.0, "train_seconds": 25.0},
             "b": {"run_dir": str(tmp_path / "gone"), "wall_train_seconds": 20.0, "train_seconds": 25.0},
             "c": {"run_dir": str(run), "train_seconds": 25.0, "imported": {"file": "x"}}}
-    ro._add_history_seconds(recs)
-    assert ro._train_s(recs["a"]) == 300.0 and recs["a"]["history_train_seconds"] == 300.0
-    assert ro._train_s(recs["b"]) == 25.0 and "history_train_seconds" not in recs["b"]
+    ro.add_history_seconds(recs)
+    assert ro.train_seconds(recs["a"]) == 300.0 and recs["a"]["history_train_seconds"] == 300.0
+    assert ro.train_seconds(recs["b"]) == 25.0 and "history_train_seconds" not in recs["b"]
     assert "history_train_seconds" not in recs["c"]     # an imported run's path is not opened
 
 
@@ -434,8 +435,8 @@ def test_robust_overfitting_seeds_on_fresh_points_are_paired_per_seed():
     spec.loader.exec_module(ro)
     d = {"autoattack": 50.0, "autoattack_n": 4, "autoattack_points": "1100", "autoattack_offset": 4,
          "pgd20_points": "11111111"}
-    assert ro._covers(d, 4) and ro._covers(d, 4, 4) and not ro._covers(d, 4, 0)
-    assert ro._covers({**d, "autoattack_offset": None}, 4, 0)   # records from before the offset: 0
+    assert ro.covers(d, 4) and ro.covers(d, 4, 4) and not ro.covers(d, 4, 0)
+    assert ro.covers({**d, "autoattack_offset": None}, 4, 0)   # records from before the offset: 0
 
     def rec(method, seed, off, final, best):
         pts = lambda s: {"autoattack": 100.0 * s.count("1") / 4, "autoattack_n": 4,  # noqa: E731
@@ -453,13 +454,13 @@ def test_robust_overfitting_seeds_on_fresh_points_are_paired_per_seed():
     assert r["seeds"] == [0, 1, 2, 3] and r["n_points"] == 4 and r["n_points_all"] == 8
     assert r["points_from"] == {"0": [0, 1], "4": [2, 3]}
     assert r["final_diff"]["diff"] == pytest.approx((25 + 25 + 75 + 75) / 4)
-    assert ro._n_s(r) == "4 per seed (8 in all)"
+    assert ro.points_label(r) == "4 per seed (8 in all)"
     # a seed whose method and base were attacked on different points is left out, not mispaired
     records["adr_s3"] = rec("adr", 3, 0, "1111", "1100")
     r = [r for r in ro.paired_claims(records, 4, n_boot=200)
          if r["metric"] == "autoattack" and r["method"] == "adr" and r["selection"] == "best"][0]
     assert r["seeds"] == [0, 1, 2]
-    assert ro._seed_ranges(["adr_s13", "adr_s14", "adr_s16", "pgd_at_s13"]) == "adr seeds 13-14, 16, pgd_at seed 13"
+    assert ro.seed_ranges(["adr_s13", "adr_s14", "adr_s16", "pgd_at_s13"]) == "adr seeds 13-14, 16, pgd_at seed 13"
 
 
 @pytest.mark.parametrize("argv, msg", [(["--aa-offset", "1900"], "--aa-offset must be between 0"),
@@ -474,3 +475,22 @@ def test_robust_overfitting_rejects_a_bad_aa_offset(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         ro.main(["--preset", "fmnist-long", *argv])
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_committed_reports_re_render_byte_for_byte_from_their_json():
+    """The robust-overfitting package (plan / run / records / aggregate / report) renders the committed
+    tables from the committed JSON exactly as they are on disk, and the tuned table's script uses
+    only its public names."""
+    import importlib
+    import re
+
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    ro = importlib.import_module("robust_overfitting")
+    tuned = importlib.import_module("robust_overfitting_tuned")
+    assert Path(ro.__file__).parent.name == "robust_overfitting"   # the package, not the script
+    res = ROOT / "benchmarks" / "results"
+    for mod, name in ((ro, "robust_overfitting_fmnist_long"), (tuned, "robust_overfitting_tuned_fmnist_long")):
+        md = mod.render_markdown(json.loads((res / f"{name}.json").read_text()))
+        assert md.encode() == (res / f"{name}.md").read_bytes(), name
+    assert not re.search(r"\bro\._", (ROOT / "benchmarks" / "robust_overfitting_tuned.py").read_text())

@@ -43,14 +43,15 @@ WORKER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGTERM)   # a real signal, to this rank only
         return out
     T.Trainer.train_step = train_step
-    orig_write = T.write_weights
+    from rb_labelrefine.training import rundir as R   # where the run directory's files are written
+    orig_write = R.write_weights
     def write_weights(model, path, meta):
         out = orig_write(model, path, meta)
         if plan.get("final") and os.path.basename(str(path)) == "final.safetensors":
             del plan["final"]
             os.kill(os.getpid(), signal.SIGTERM)   # every rank, as a scheduler does
         return out
-    T.write_weights = write_weights
+    R.write_weights = write_weights
 
     record = []
     def run(out, resume=False, **p):

@@ -59,7 +59,7 @@ def _bn(model):
     (["awp.variant=sharp"], "awp.variant", "must be one of ['wu2020', 'sam']"),
     (["objective.forward=twice"], "objective.forward", "must be one of"),
     (["objective.forward=concat"], "objective.forward", "is a form of the TRADES loss"),
-    (["attack.start=gauss"], "attack.start", "must be one of ['default', 'uniform', 'normal']"),
+    (["attack.start=gauss"], "attack.start", "must be one of ['default', 'uniform', 'normal', 'uniform_eps']"),
     (["attack.start=normal", "attack.name=apgd"], "attack.start", "Linf PGD and TPGD"),
     (["attack.start=normal", "attack.random_start=false"], "attack.start", "needs attack.random_start=true"),
     (["attack.start_std=0"], "attack.start_std", "must be > 0"),

@@ -168,7 +168,7 @@ def test_rank_refuses_incomparable_results():
     with pytest.raises(ValueError, match="L2"):
         rank({"robust_acc": 50.0, "norm": "L2"}, "cifar10", "Linf")
     with pytest.raises(ValueError, match=r"no cifar100/L2 entries; available: \['cifar10/Linf', 'cifar10/L2', "
-                                         r"'cifar100/Linf'\]"):
+                                         r"'cifar100/Linf', 'imagenet/Linf'\]"):
         rank({"robust_acc": 50.0}, "cifar100", "L2")
     with pytest.raises(ValueError, match="no robust accuracy"):
         rank({"clean_acc": 80.0}, "cifar10", "Linf")

@@ -125,7 +125,7 @@ def test_apgd_needs_the_attacks_extra(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "torchattacks", None)     # as if it were not installed
-    with pytest.raises(ImportError, match=r'rb-labelrefine\[attacks\]'):
+    with pytest.raises(ImportError, match=r'extra \[attacks\]\); install it with pip install --no-deps'):
         build_attack("apgd", _net(), eps=0.1, alpha=0.1, steps=1)
 
 

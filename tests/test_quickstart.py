@@ -14,7 +14,7 @@ from rb_labelrefine.data import build_datasets
 from rb_labelrefine.evaluation.autoattack import run_autoattack
 from rb_labelrefine.export.robustbench_export import load_exported
 from rb_labelrefine.quickstart import run_quickstart
-from rb_labelrefine.training.trainer import _stack
+from rb_labelrefine.evaluation import stack_test_points
 
 N = 16
 
@@ -42,7 +42,7 @@ def test_quickstart_writes_everything_and_the_card_matches_autoattack(tmp_path):
     # AutoAttack on the exported model gives the accuracy recorded in the card / model_info
     model = load_exported(export["safetensors"])
     _, _, test_ds, _ = build_datasets("digits", val_fraction=0.1, seed=0)
-    x, y = _stack(test_ds, N)
+    x, y = stack_test_points(test_ds, N)
     again = run_autoattack(model, x, y, norm="Linf", eps=0.1, version="standard", seed=0, attack_params=fast)
     recorded = summary["methods"]["adr"]["autoattack_acc"]
     assert abs(again["robust_acc"] - recorded) < 1e-9

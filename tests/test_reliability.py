@@ -460,7 +460,7 @@ def synthetic_run(tmp_path_factory):
     def stop_after_first_epoch(self, epoch):
         orig(self, epoch)
         if epoch == 0:
-            self._stop_signal = signal.SIGTERM
+            self.stop.request(signal.SIGTERM)
     Trainer._end_of_epoch = stop_after_first_epoch
     try:
         with pytest.raises(TrainingInterrupted):
@@ -834,7 +834,7 @@ def test_signal_after_the_last_step_stops_with_exit_3_and_resume_redoes_only_the
     """SIGTERM while the final weights are written (or AutoAttack runs) after the last training
     step: the run stops at the next safe point as interrupted (not "done" with a half-finished
     summary), says so, and ``--resume`` skips training and finishes the final stage only."""
-    import rb_labelrefine.training.trainer as tr
+    import rb_labelrefine.training.rundir as tr   # the run directory's writers
 
     sets = TINY + (["eval.autoattack=true", "eval.autoattack_n=8"] if during == "autoattack" else [])
     cfg = load_config("digits-pgdat", sets)

@@ -512,7 +512,7 @@ def test_grad_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
     t = Trainer(cfg, tmp_path / "run", progress=False)
     t._setup()
     assert t._fast.scaler is not None and t._fast.scaler.is_enabled()
-    t.global_step, t.best, t.history, t.epoch_acc = 0, {"epoch": -1, "score": -1.0}, [], {}
+    t.global_step, t.history = 0, []
     t._fast.scaler.scale(torch.ones(()))  # the scale tensor is created lazily
     t._fast.scaler.update(new_scale=1234.0)
     state = t.state_dict(0, 0)

@@ -75,9 +75,21 @@ class AutoattackFinder:
 
 class _ShimLoader:
     def create_module(self, spec):
-        from rb_labelrefine.compat.robustbench import build_shim_module
+        # Any failure here -- pyautoattack broken (a RuntimeError or AttributeError at its import, a
+        # missing dependency of it), rb_labelrefine itself half-installed -- is an ImportError of
+        # ``autoattack``: without the hook the name would not import either, and a program's own
+        # ``try: import autoattack / except ImportError`` must keep working.
+        try:
+            from rb_labelrefine.compat.robustbench import build_shim_module
 
-        return build_shim_module()
+            return build_shim_module()
+        except ImportError as exc:
+            raise ImportError(f"autoattack: the pyautoattack adapter cannot be built ({exc})",
+                              name=spec.name) from exc
+        except Exception as exc:  # noqa: BLE001 - see above: every failure is "autoattack is not importable"
+            raise ImportError(f"autoattack: pyautoattack is installed but broken ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); reinstall it: pip install --force-reinstall pyautoattack",
+                              name=spec.name) from exc
 
     def exec_module(self, module):
         pass  # build_shim_module() filled it; the spec (a package) gave it __path__ = []
@@ -92,7 +104,13 @@ class _AliasLoader:
     def create_module(self, spec):
         import importlib
 
-        module = importlib.import_module(self.target)
+        try:
+            module = importlib.import_module(self.target)
+        except ImportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken pyautoattack submodule: ImportError, as above
+            raise ImportError(f"{spec.name}: {self.target} is installed but broken ({type(exc).__name__}: "
+                              f"{str(exc)[:300]})", name=spec.name) from exc
         self._spec = module.__spec__
         return module
 

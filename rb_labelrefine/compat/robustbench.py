@@ -32,7 +32,7 @@ import types
 from pathlib import Path
 from typing import Optional
 
-from .._optional import MissingExtraError, require
+from .._optional import DamagedDependencyError, MissingExtraError, install_hint, require
 from .autoattack_hook import SHIM_MARK as _SHIM_MARK
 from .autoattack_hook import AutoattackFinder
 from .autoattack_hook import install as install_hook
@@ -187,14 +187,19 @@ def import_robustbench():
     if "robustbench" in sys.modules:
         return sys.modules["robustbench"]
     install_hook()
+    from ..doctor import damage_message, robustbench_damage
+
+    damage = robustbench_damage()   # e.g. torchattacks' wheel overwrote its files: say so, not AttributeError
+    if damage is not None:
+        raise DamagedDependencyError(damage_message(damage))
     try:
         return importlib.import_module("robustbench")
     except ImportError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing in ("robustbench", "autoattack", "pyautoattack"):
-            hint = 'install the extra: pip install "rb-labelrefine[robustbench]"'
+            hint = f"install the extra [robustbench]: {install_hint('robustbench')}"
         elif missing == "pkg_resources":
             hint = 'robustbench.loaders imports pkg_resources: pip install "setuptools<81"'
         else:
-            hint = 'reinstall the extra: pip install "rb-labelrefine[robustbench]"'
+            hint = f"reinstall the extra [robustbench]: {install_hint('robustbench')}; `rb-labelrefine doctor` checks it"
         raise MissingExtraError(f"could not import robustbench ({exc}); {hint}") from exc

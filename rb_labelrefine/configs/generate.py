@@ -37,6 +37,13 @@ Sources (public code read at their GitHub HEAD; values below are copied from the
   ``model.eval()``, plain SGD.
 * LTD (paper App. A.2, no public code): 120 epochs, lr /10 after the 80th and 100th epoch,
   SGD 0.9, wd 5e-4, Nesterov, PGD-8; teacher temperature 5 (Sec. 4.3).
+* Wang et al. 2023, *Better Diffusion Models Further Improve Adversarial Training*
+  (wzekai99/DM-Improves-AT): its README's ``train-wa.py`` command (WRN-28-10 swish, cifar10s,
+  batch 512, 400 epochs, lr 0.2, beta 5, unsup-fraction 0.7, ls 0.1) over ``core/utils/parser.py``'s
+  defaults (cosinew scheduler, Nesterov, wd 5e-4, PGD-10 2/255, augment base, tau 0.995 in
+  train-wa.py) and ``gowal21uncovering/utils/{watrain,trades}.py``, ``core/utils/{train,utils}.py``,
+  ``core/data/{semisup,cifar10s}.py``, ``core/models/wideresnetwithswish.py`` -- see
+  :func:`wang2023`.
 """
 from __future__ import annotations
 
@@ -190,6 +197,161 @@ def ltd_paper() -> dict:
                 method=dict(name="ltd", temperature=5.0))
 
 
+def wang2023(ds: str, depth: int, width: int) -> dict:
+    """The DM-Improves-AT recipe (Wang et al. 2023), value by value from its code:
+
+    * data -- ``SemiSupervisedSampler``: a batch of 512 holds ``int(512 * 0.7)`` = 358 generated and
+      154 real images (data.aux_batch split), an epoch is ``ceil(50000 / 512)`` = 98 batches whose real
+      images are the head of a fresh permutation (data.epoch_images 50000); ``validation=True`` holds out
+      the first 1024 training images (val_fraction 1024 / 50000); augmentation ``base`` (crop 32 pad 4,
+      flip) on real and generated images alike;
+    * TRADES, ``trades_loss``: attack from x + U(-eps, eps) clamped, 10 sign steps of 2/255 on the
+      batch-mean KL to the clean prediction, BatchNorm in train mode with its statistics frozen
+      (``track_bn_stats(model, False)``); loss CE(f(x), smoothed y) + beta KL(f(x) || f(x')) over two
+      train-mode passes f(x), f(x'); ``SmoothCrossEntropyLoss(0.1)`` = CE against 0.9 onehot + 0.1 / C;
+    * ``WATrainer``: SGD lr 0.2, momentum 0.9 (cycled by OneCycleLR), Nesterov, wd 5e-4 except the
+      "batchnorm" parameters; ``cosinew`` = OneCycleLR(pct_start 0.025, total_steps = epochs) stepped per
+      epoch; WA ``ema_update`` tau 0.995 with dynamic decay and a warm-up of 0.025 x all steps,
+      parameters only, BatchNorm statistics from the model (``update_bn``); BatchNorm momentum 1.0 on
+      global step 0 then 0.01; selection by PGD-40 on the CW margin of the WA model on the held-out 1024.
+    """
+    return dict(
+        data=dict(augment=True, batch_size=512, aux_batch="split", aux_fraction=0.7, epoch_images=50000,
+                  val_fraction=1024 / 50000, drop_last=False),
+        model=dict(arch=f"dm_wrn_{depth}_{width}"),
+        objective=dict(name="trades", beta=5.0, forward="separate"),
+        attack=dict(name="tpgd", eps="8/255", alpha="2/255", steps=10, start="uniform_eps", bn_mode="train_frozen"),
+        method=dict(name="label_smoothing", smoothing=0.1),
+        wa=dict(enabled=True, decay=0.995, form="gowal", warmup_fraction=0.025),
+        optim=dict(lr=0.2, momentum=0.9, weight_decay=5e-4, nesterov=True, schedule="onecycle",
+                   onecycle_pct_start=0.025, cycle_momentum=True, bn_weight_decay=False),
+        train=dict(epochs=400, bn_first_step_momentum=1.0),
+        eval=dict(model="ema", val_attack="pgd_margin", val_attack_steps=40),
+    )
+
+
+WANG_PAPER = "Wang, Pang, Du, Lin, Liu, Yan. Better Diffusion Models Further Improve Adversarial Training, ICML 2023"
+WANG_DIFFERS = (
+    "Where it differs from the code: the generated images are drawn without replacement (the code: "
+    "torch.randint, with replacement) and stacked after the real ones (the code shuffles each batch; "
+    "BatchNorm and the batch-mean losses do not depend on the order); the held-out 1024 are a stratified "
+    "random split (the code: the first 1024 training images); the validation PGD-40 (step attack.alpha "
+    "2/255, as the code's) ascends the margin max_j!=y z_j - z_y (eval.val_attack pgd_margin; the code's CWLoss "
+    "clamps it at 0, so it stops moving a point once misclassified) and keeps the earlier epoch on a tie (the "
+    "code: >=, the later); the RobustBench entries' own runs (20M/50M images, up to 2000 "
+    "epochs, batch 1024 for WRN-70-16, their argtxt files) are this recipe at another scale: "
+    "--set data.batch_size=... train.epochs=... with the matching data.aux file.")
+
+
+def _wang_presets(ds: str):
+    """{name: (body, description, paper)} of the recipe and of each label-refinement method on it."""
+    out = {}
+    aux = ("requires data.aux: the EDM set of the code's README (HuggingFace P2333/DM-Improves-AT, "
+           f"{ds}/1m.npz ... 50m; give it with --set data.aux=PATH; not set: the run refuses to start, "
+           "see rb_labelrefine/data/aux.py)")
+    adr_tau = (2.5, 2.0) if ds == "cifar10" else (1.5, 1.0)
+    for depth, width in ((28, 10), (70, 16)):
+        base = wang2023(ds, depth, width)
+        arch = (f"WRN-{depth}-{width} swish (DeepMind form, RobustBench's DMWideResNet: model.arch "
+                f"dm_wrn_{depth}_{width})")
+        head = (f"the recipe of Wang et al. 2023 (wzekai99/DM-Improves-AT, README train-wa.py command and "
+                f"core/utils/parser.py defaults) on {ds} with {arch}: TRADES beta 5, label smoothing 0.1, "
+                "WA tau 0.995 (Gowal form, warm-up 2.5 % of steps), batch 512 of which 70 % generated, lr 0.2 "
+                "OneCycle per epoch (cosinew) with Nesterov, wd 5e-4 (none on BatchNorm), 400 epochs; "
+                + aux + ". " + WANG_DIFFERS)
+        name = f"{ds}-dmwrn{depth}-{width}-wang2023"
+        out[name] = (base, "DM-Improves-AT: " + head, WANG_PAPER)
+        untried = ("UNTRIED COMBINATION (no published run; the question this preset exists to answer): {m} in "
+                   "place of the label smoothing of ")
+        variants = {
+            "adr": (dict(method=dict(name="adr", ema_decay=0.995, lambda_low=0.7, lambda_high=0.95,
+                                     tau_high=adr_tau[0], tau_low=adr_tau[1])),
+                    f"ADR (lambda 0.7 -> 0.95, tau {adr_tau[0]} -> {adr_tau[1]}: the ADR code's {ds} TRADES "
+                    "config; its own EMA teacher 0.995, the WA stays the recipe's)", PAPERS["adr"]),
+            "adr-auto": (dict(method=dict(name="adr", ema_decay=0.995, lambda_low=0.7, lambda_high=0.95,
+                                          tau_high=adr_tau[0], tau_low=adr_tau[1], schedule="auto")),
+                         "ADR with tau/lambda fitted on validation adversarial examples (method.schedule auto)",
+                         PAPERS["adr"]),
+            "sglr": (dict(method=dict(name="sglr", variant="paper", alpha=0.2, temperature=1.5, momentum=0.9)),
+                     "SGLR, the paper's form (alpha 0.2, T 1.5, m 0.9), TRADES form; its per-sample memory covers "
+                     "the generated images too (N x C floats: 1M x 10 = 40 MB, 50M x 100 = 20 GB)",
+                     PAPERS["sglr"]),
+            "kd-swa": (dict(method=dict(name="kd", kd_weights="paper", temperature=2.0),
+                            wa=dict(enabled=False), swa=dict(enabled=True), eval=dict(model="swa")),
+                       "KD+SWA (robust and standard self-teachers trained beforehand on the same recipe: "
+                       "method.robust_teacher / method.standard_teacher; SWA from the middle of training -- the "
+                       "one-cycle schedule has no decay step, optim.milestones' first fraction 0.5 is used -- "
+                       "in place of the recipe's WA)", PAPERS["kd"]),
+            "ltd": (dict(method=dict(name="ltd", temperature=5.0)),
+                    "LTD (its natural teacher, temperature 5, in the CE term of the recipe's TRADES; "
+                    "method.teacher: a naturally trained dm_wrn of the same size)", PAPERS["ltd"]),
+        }
+        for suffix, (over, what, paper) in variants.items():
+            body = _m(base, over)
+            body["method"] = dict(over["method"])   # the method section is replaced, not merged
+            if suffix == "kd-swa":
+                body["wa"] = dict(enabled=False)
+            out[f"{name}-{suffix}"] = (body, untried.format(m=what) + "DM-Improves-AT: " + head,
+                                       f"{paper} on the recipe of Wang et al. 2023")
+    return out
+
+
+# ---------------------------------------------------------------- ImageNet (Singh et al. 2023)
+SINGH_PAPER = ("Singh, Croce, Hein. Revisiting Adversarial Training for ImageNet: Architectures, Training and "
+               "Generalization across Threat Models, NeurIPS 2023")
+# README rows with a plain timm architecture (the *-CvSt ConvStem models are the code's own classes):
+# name -> (timm model, epochs)
+SINGH_RUNS = {"convnext_tiny": ("convnext_tiny", 300), "vit_small": ("vit_small_patch16_224", 300),
+              "convnext_base": ("convnext_base", 50), "vit_base": ("vit_base_patch16_224", 50)}
+SINGH_DIFFERS = (
+    "Not reproduced (the package has no such feature): the code's heavy augmentation (data.augmentations 1: "
+    "RandAugment, Mixup/CutMix through timm's Mixup, whose label smoothing 0.1 it carries -- here the plain "
+    "method label_smoothing 0.1 with RandomResizedCrop + flip), its own apgd_train (here torchattacks' APGD-CE, "
+    "attack.name apgd, 2 steps: pip install torchattacks), the clean-trained initialisation (the README's "
+    "clean-init checkpoints: give one with model.kwargs.pretrained or start from scratch), fp16 autocast "
+    "(train.amp fp16 is the package's), the GPU count behind --training.batch_size 80 (per GPU; here the global "
+    "batch); model selection: the code keeps the last EMA, here best-by-validation as everywhere (eval.model "
+    "ema on a 0.1 % held-out split)")
+
+
+def singh2023(timm_name: str, epochs: int) -> dict:
+    """nmndeep/revisiting-at ``run_train.sh`` over ``main.py``'s fastargs defaults: AdamW(betas 0.9, 0.95),
+    lr 1e-3, wd 0.05 without decay on 1-d parameters and biases, get_cosine_lr with lr_peak_epoch 20 from
+    1e-4 x lr to lr then cosine to 5e-6 (interpolated per step), APGD 2 iterations at eps 4/255, label
+    smoothing 0.1, timm ModelEmaV2 0.9999, 224 px."""
+    return dict(
+        data=dict(name="imagenet", augment=True, batch_size=80, val_fraction=0.001, image_size=224, num_workers=8),
+        model=dict(arch=f"timm:{timm_name}"),
+        objective=dict(name="pgd_at"),
+        attack=dict(name="apgd", norm="Linf", eps="4/255", alpha="1/255", steps=2),
+        method=dict(name="label_smoothing", smoothing=0.1),
+        wa=dict(enabled=True, decay=0.9999),
+        optim=dict(name="adamw", betas=[0.9, 0.95], lr=1e-3, weight_decay=0.05, no_decay_1d=True,
+                   schedule="peak_cosine", warmup_epochs=20, warmup_start_lr=1e-7, lr_min=5e-6),
+        train=dict(epochs=epochs),
+        eval=dict(model="ema", val_attack_steps=10, curve_test_size=500, batch_size=64),
+    )
+
+
+def _imagenet_presets():
+    out = {}
+    for short, (timm_name, epochs) in SINGH_RUNS.items():
+        body = singh2023(timm_name, epochs)
+        head = (f"Singh et al. 2023 (nmndeep/revisiting-at run_train.sh + main.py defaults), its {short} row "
+                f"({epochs} epochs): timm:{timm_name}, ImageNet Linf eps 4/255, AdamW (0.9, 0.95) lr 1e-3 wd 0.05 "
+                "(none on 1-d parameters / biases), 20 warm-up epochs from 1e-4 x lr then cosine to 5e-6, APGD-CE 2 "
+                "steps, label smoothing 0.1, EMA 0.9999 evaluated, 224 px (data.root: the ImageFolder train/ val/ "
+                "tree; test: RobustBench's 5,000-image subset when present). " + SINGH_DIFFERS)
+        out[f"imagenet-{short}-singh2023"] = (body, head, SINGH_PAPER)
+        adr = _m(body, {})
+        adr["method"] = dict(name="adr", ema_decay=0.995, lambda_low=0.5, lambda_high=0.9, tau_high=2.0, tau_low=1.5)
+        out[f"imagenet-{short}-singh2023-adr"] = (
+            adr, "UNTRIED COMBINATION (no published run): ADR in place of the label smoothing of " + head +
+            " ADR's values are its Tiny-ImageNet ones (lambda 0.5 -> 0.9, tau 2.0 -> 1.5; the ADR paper has no "
+            "ImageNet run), its own EMA teacher 0.995 per step", PAPERS["adr"] + " on the recipe of Singh et al. 2023")
+    return out
+
+
 # ---------------------------------------------------------------- one preset per name
 
 def _adr_family(ds: str, arch: str, obj: str, adr: bool, awp: bool, wa: bool):
@@ -323,7 +485,7 @@ def _presets_for(ds: str, arch: str):
 def main():
     HERE.mkdir(parents=True, exist_ok=True)
     for old in HERE.glob("*.yaml"):  # only the files this script writes (offline presets are hand-written)
-        if old.name.lstrip("_").startswith(tuple(DATASETS)):
+        if old.name.lstrip("_").startswith(tuple(DATASETS) + ("imagenet",)):
             old.unlink()
     n = 0
     for ds, ds_cfg in DATASETS.items():
@@ -336,6 +498,23 @@ def main():
                 doc = {"base": f"_{ds}", "description": desc, "paper": _paper(body), **body, "model": model}
                 (HERE / f"{ds}-{arch_name}-{suffix}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
                 n += 1
+        if ds in ("cifar10", "cifar100"):
+            for name, (body, desc, paper) in _wang_presets(ds).items():
+                body = dict(body)
+                model = body.pop("model")
+                doc = {"base": f"_{ds}", "description": desc, "paper": paper, **body, "model": model}
+                (HERE / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+                n += 1
+    (HERE / "_imagenet.yaml").write_text(
+        "# shared protocol, inherited by the presets below\n" +
+        yaml.safe_dump(dict(data=dict(name="imagenet", augment=True, val_fraction=0.001),
+                            attack=dict(eps="4/255", alpha="1/255", steps=2)), sort_keys=False))
+    for name, (body, desc, paper) in _imagenet_presets().items():
+        body = dict(body)
+        model = body.pop("model")
+        doc = {"base": "_imagenet", "description": desc, "paper": paper, **body, "model": model}
+        (HERE / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        n += 1
     print(f"wrote {n} presets to {HERE}")
 
 

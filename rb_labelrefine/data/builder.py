@@ -11,10 +11,11 @@ from .datasets import IndexedDataset, RandomCropFlip
 from .fashion_mnist import FASHION_MNIST_ROOT, load_fashion_mnist
 from .splits import stratified_order
 from .tiny_imagenet import load_tiny_imagenet
+from .imagenet import DEFAULT_IMAGE_SIZE, ImageNetTrain, load_imagenet
 
 __all__ = ["build_datasets", "load_source", "DATASET_NAMES"]
 
-DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "synthetic")
+DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "synthetic", "imagenet")
 _TEST_SUBSET_SEED = 0  # the evaluation subset does not move with the split seed: runs stay comparable
 
 
@@ -30,12 +31,15 @@ def load_source(name: str, root: Optional[str] = None, **kwargs):
         return load_cifar(root or "./data", name=name, **kwargs)
     if name == "tiny_imagenet":
         return load_tiny_imagenet(root or "./data", **kwargs)
+    if name == "imagenet":   # an ImageFolder tree, decoded lazily (rb_labelrefine/data/imagenet.py)
+        return load_imagenet(root or "./data", **kwargs)
     raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASET_NAMES)}")
 
 
 def build_datasets(name: str, root: Optional[str] = None, val_fraction: float = 0.1,
                    train_subset: Optional[int] = None, augment: Union[bool, Callable] = False,
-                   seed: int = 0, test_subset: Optional[int] = None, **source_kwargs):
+                   seed: int = 0, test_subset: Optional[int] = None, image_size: Optional[int] = None,
+                   **source_kwargs):
     """Load a data set and split it into ``(train_ds, val_ds, test_ds, info)``.
 
     Args:
@@ -60,6 +64,14 @@ def build_datasets(name: str, root: Optional[str] = None, val_fraction: float = 
         raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASET_NAMES)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if name == "imagenet":   # data.image_size: the crop size (RandomResizedCrop / Res256Crop224 scaled)
+        source_kwargs["image_size"] = image_size or DEFAULT_IMAGE_SIZE
+        if augment is True:
+            augment = ImageNetTrain(source_kwargs["image_size"])
+    elif name == "synthetic" and image_size is not None:   # generated: any size
+        source_kwargs["image_size"] = image_size
+    elif image_size is not None:
+        raise ValueError(f"image_size applies to imagenet and synthetic only (the {name} images have their own size)")
     train, test, info = load_source(name, root, **source_kwargs)
 
     order = stratified_order(train.targets, seed)

@@ -37,11 +37,19 @@ def _read_batch(path: Path, label_key: str, num_classes: int):
     if "data" not in batch or label_key not in batch:
         raise CorruptDatasetError(path, f"missing key 'data' or '{label_key}' (keys: {sorted(batch)})")
     data = batch["data"]
-    labels = np.asarray(batch[label_key])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise CorruptDatasetError(path, f"'data' must be a uint8 array of shape [N, 3072], got {desc}")
-    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+    labels = batch[label_key]
+    # a flat list of ints (the official files) or a 1-D integer array, checked before numpy sees it
+    # (np.asarray of a list of shared lists would expand them)
+    if isinstance(labels, list):
+        if len(labels) != len(data) or not all(type(v) is int for v in labels):
+            raise CorruptDatasetError(path, f"'{label_key}' must be a list of {len(data)} integers")
+        labels = np.asarray(labels, dtype=np.int64)
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
+        raise CorruptDatasetError(path, f"'{label_key}' must be {len(data)} integers, got {type(labels).__name__}")
+    if labels.shape != (len(data),):
         raise CorruptDatasetError(path, f"'{label_key}' must be {len(data)} integers, got {labels.dtype} {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise CorruptDatasetError(path, f"labels outside 0..{num_classes - 1}")

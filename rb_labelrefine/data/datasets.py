@@ -120,10 +120,34 @@ class IndexedDataset(Dataset):
     is. ``index`` is the position in the *wrapped* dataset -- for a ``Subset`` that is
     0..len(subset)-1, not the index into the subset's parent -- so it can address a memory tensor
     of size ``len(dataset)`` directly.
+
+    Everything else is the wrapped dataset's: attribute reads the wrapper does not answer itself
+    go to it (``ds.classes``, ``ds.transform``, a training script's own methods such as locuslab's
+    ``set_random_choices()``), and assigning an attribute the wrapped dataset has (but the wrapper
+    does not) sets it there (``ds.transform = ...`` changes what the loader yields).
     """
 
     def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+        object.__setattr__(self, "dataset", dataset)
+
+    def __getattr__(self, name):
+        # only called when normal lookup fails; never for dunders (copy/pickle probe those on
+        # half-built objects) and never before ``dataset`` is set
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        try:
+            dataset = self.__dict__["dataset"]
+        except KeyError:
+            raise AttributeError(name) from None
+        return getattr(dataset, name)
+
+    def __setattr__(self, name, value):
+        d = self.__dict__
+        if (name != "dataset" and "dataset" in d and name not in d and not hasattr(type(self), name)
+                and hasattr(d["dataset"], name)):
+            setattr(d["dataset"], name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -7,6 +7,7 @@ the file, so a truncated download is reported as such rather than as a reshape e
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -28,14 +29,31 @@ _DTYPES = {
 }
 
 
+MAX_IDX_BYTES = 1 << 30   # an IDX file, decompressed (Fashion-MNIST's largest: 47 MB)
+
+
 def _read_bytes(path: Path) -> bytes:
+    """The file's (decompressed) bytes: a regular file (never a FIFO or device), at most
+    :data:`MAX_IDX_BYTES` on disk and decompressed (a small gzip cannot expand without bound)."""
+    from ..safe_files import UnsafeFileError, open_binary
+
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        raw = open_binary(path, max_bytes=MAX_IDX_BYTES)
+    except UnsafeFileError as e:
+        raise CorruptDatasetError(path, e.problem) from None
+    try:
+        with raw:
+            if path.suffix == ".gz":
+                with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                    data = f.read(MAX_IDX_BYTES + 1)
+            else:
+                data = raw.read(MAX_IDX_BYTES + 1)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise CorruptDatasetError(path, f"not a complete gzip file ({e}); re-download it") from e
+    if len(data) > MAX_IDX_BYTES:
+        raise CorruptDatasetError(path, f"holds more than {MAX_IDX_BYTES:,} bytes (decompressed); an IDX data set "
+                                  "is far smaller")
+    return data
 
 
 def read_idx(path, expected_magic: Optional[int] = None) -> np.ndarray:
@@ -63,7 +81,7 @@ def read_idx(path, expected_magic: Optional[int] = None) -> np.ndarray:
         raise CorruptDatasetError(path, f"truncated header: {ndim} dimensions need {header} bytes, file has {len(buf)}")
     dims = struct.unpack(f">{ndim}I", buf[4:header])
     dtype = _DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize   # Python ints: 255 dimensions of 2^32 cannot overflow
     if len(buf) - header != expected:
         raise CorruptDatasetError(
             path, f"header says shape {tuple(dims)} ({expected} data bytes) but the file has "

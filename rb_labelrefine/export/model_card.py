@@ -257,6 +257,15 @@ def _front_matter(*, name, dataset, threat_model, eps, method_tag, objective, re
     return yaml.safe_dump(fm, sort_keys=False, allow_unicode=True)
 
 
+def _selected_on(best: Optional[dict]) -> str:
+    """The split the best checkpoint was selected on (summary ``best.selected_on``); a summary written
+    before it was recorded selected on the test split exactly when it has no validation numbers."""
+    best = best or {}
+    if best.get("selected_on") in ("val", "test"):
+        return best["selected_on"]
+    return "test" if best and best.get("val_pgd") is None and best.get("val_clean") is None else "val"
+
+
 def card_context(*, name: str, cfg: dict, dataset: str, threat_model: str, eps, which: str = "best",
                  autoattack: Optional[dict] = None, sanity: Optional[dict] = None, summary: Optional[dict] = None,
                  curves: Optional[str] = None, training_data: Optional[str] = None,
@@ -305,6 +314,7 @@ def card_context(*, name: str, cfg: dict, dataset: str, threat_model: str, eps, 
         "gap": _gap(autoattack.get("best"), autoattack.get("final")),
         "flags": flags,
         "training": {"rows": rows, "best_epoch": (summary or {}).get("best_epoch"),
+                     "selected_on": _selected_on((summary or {}).get("best")),
                      "val_steps": ev.get("val_attack_steps", "k"), "test_steps": ev.get("test_attack_steps", "k")},
         "curves": curves,
         "citations": method_citations(method, objective),

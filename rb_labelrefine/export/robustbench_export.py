@@ -4,10 +4,14 @@
 
     out_dir/models/<dataset>/<threat_model>/<Name>.pt        weights, as robustbench.utils.load_model reads them
     out_dir/model_info/<dataset>/<threat_model>/<Name>.json  exactly the fields of robustbench.utils.ModelInfo
-    out_dir/model_zoo_entry.py                              the (Name, {'model': ..., 'gdrive_id': ...}) tuple
+    out_dir/model_zoo_entry.py                              the (Name, {'model': ..., 'gdrive_id': ...}) tuple,
+                                                            registered in RobustBench's zoo when imported
+                                                            (RobustBench datasets only)
+    out_dir/ROBUSTBENCH_NEW_MODEL.md                        RobustBench's "[New Model]" issue text, filled
                                                             (RobustBench datasets only)
     out_dir/<Name>.safetensors                              the same weights, self-describing (load_exported)
-    out_dir/export.json                                     what was exported from where, with which numbers
+    out_dir/export.json                                     what was exported from where (names, never local
+                                                            paths), with which numbers
     out_dir/README.md                                       the model card (+ curves.png when the run has one)
 
 How RobustBench 1.1.1 reads the ``.pt`` (``robustbench/utils.py: load_model``), and what that
@@ -59,6 +63,8 @@ from torch import nn
 from ..runs import (NAME_MAX, NAME_RE, RUN_FILES, check_name, check_run_weights, info_from_metadata,
                     info_to_metadata, load_run_config, load_state_checked, read_weights)
 from .citations import METHOD_INFO, method_label
+from .publish import (ISSUE_FILE, REGISTER_IMPORTS, eps_text, local_paths, local_paths_in, new_model_issue, portable,
+                      register_line)
 from .model_card import arch_title, card_context, render_model_card
 
 __all__ = ["export_run", "load_exported", "default_name", "read_pt_state_dict", "ExportError", "MANIFEST",
@@ -66,6 +72,9 @@ __all__ = ["export_run", "load_exported", "default_name", "read_pt_state_dict", 
 
 MANIFEST = "export.json"
 PT_PREFIX = "model."
+# RobustBench's evaluation preprocessing of ImageNet entries (robustbench/data.py PREPROCESSINGS):
+# resize 256, centre crop 224 -- what data.name=imagenet evaluates with (rb_labelrefine/data/imagenet.py)
+IMAGENET_PREPROCESSING = "Res256Crop224"
 _FORMAT = "rb_labelrefine.export/2"
 # /1 stored the .pt in NormalizedModel's layout (mean, std, model.*); /2 in normalize_model's.
 _READABLE_FORMATS = ("rb_labelrefine.export/1", _FORMAT)
@@ -75,8 +84,7 @@ _NORMALIZE_MODULE = "robustbench.model_zoo.architectures.utils_architectures"
 _ARCH_RE = re.compile(r"^(timm:)?[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-class ExportError(ValueError):
-    """Bad input to the exporter; the message names the argument, file or field (CLI exit 2)."""
+from ..errors import ExportError  # noqa: E402,F401 (bad input to the exporter: the leaf errors.py, exit 2)
 
 
 # ----------------------------------------------------------------------------- names
@@ -197,6 +205,11 @@ def _check_result(r, where: str) -> None:
     n = r.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ExportError(f"{where}.n must be a positive integer, got {n!r}")
+    from ..results_schema import check_autoattack
+
+    # every other field the card reads (eps unless a protocol text replaces its description, norm,
+    # flags, per-attack numbers, ...), typed: a malformed result is exit 2 naming the field
+    check_autoattack(r, "the evaluation", f"{where}.", require_eps=not r.get("protocol"), require_robust=False)
 
 
 def _check_result_threat(results: dict, threat_model: str, eps: Optional[float]) -> Optional[float]:
@@ -230,7 +243,12 @@ def _from_rb_layout(state: dict) -> dict:
     return {(k[len("normalize."):] if k in ("normalize.mean", "normalize.std") else k): v for k, v in state.items()}
 
 
-def _pt_state(state: dict) -> dict:
+def _pt_state(state: dict, dataset: Optional[str] = None) -> dict:
+    if dataset == "imagenet":
+        # RobustBench's ImageNet checkpoints hold the bare network: load_model prefixes every key with
+        # 'model.' (normalize_model's network) and takes the normalisation from the entry (it tolerates
+        # the missing normalize.mean / normalize.std for ImageNet)
+        return {k[len("model."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("model.")}
     return {PT_PREFIX + k: v.detach().contiguous().cpu() for k, v in _rb_layout(state).items()}
 
 
@@ -241,7 +259,7 @@ def _check_robustbench_keys(pt_state: dict) -> None:
     import_robustbench()
     from robustbench.utils import rm_substr_from_state_dict
 
-    want = [k[len(PT_PREFIX):] for k in pt_state]
+    want = [k[len(PT_PREFIX):] if k.startswith(PT_PREFIX) else k for k in pt_state]
     back = list(rm_substr_from_state_dict(rm_substr_from_state_dict(pt_state, "module."), "model."))
     if back != want:
         bad = [k for k, b in zip(want, back) if k != b][:3]
@@ -302,14 +320,18 @@ class _ZooSpec:
         args = [getattr(m, a.name) if isinstance(a, ArchRef) else a for a in self.args]
         return normalize_model(getattr(m, self.callee)(*args, **self.kwargs), self.mean, self.std)
 
-    def as_read(self, name: str) -> dict:
+    def as_read(self, name: str, dataset: str, threat_model: str) -> dict:
         """What :func:`_read_zoo_entry` must find in the file written from this spec."""
         from ..models.robustbench_archs import ArchRef
 
         names = [self.callee] + [a.name for a in self.args if isinstance(a, ArchRef)]
-        return {"name": name, "imports": {"normalize_model": _NORMALIZE_MODULE, **{n: self.module for n in names}},
+        registration = {n: m for m, ns in REGISTER_IMPORTS.items() for n in ns}
+        return {"name": name, "imports": {"normalize_model": _NORMALIZE_MODULE, **registration,
+                                          **{n: self.module for n in names}},
                 "callee": self.callee, "args": list(self.args), "kwargs": dict(self.kwargs),
-                "mean": tuple(self.mean), "std": tuple(self.std), "gdrive_id": _ZOO_PLACEHOLDER_ID}
+                "mean": tuple(self.mean), "std": tuple(self.std), "gdrive_id": _ZOO_PLACEHOLDER_ID,
+                "register": (dataset, threat_model),
+                "preprocessing": IMAGENET_PREPROCESSING if dataset == "imagenet" else None}
 
 
 def _zoo_spec(arch: str, kwargs: dict, info) -> _ZooSpec:
@@ -325,6 +347,13 @@ def _zoo_spec(arch: str, kwargs: dict, info) -> _ZooSpec:
     if call is not None:
         return _ZooSpec(f"robustbench.model_zoo.architectures.{call.module}", call.cls, tuple(call.args),
                         dict(call.kwargs), mean, std, native=True)
+    if arch.startswith("timm:"):
+        # RobustBench's own zoo builds timm models with timm.create_model (its CIFAR-10 XCiT entries);
+        # the same call as models/registry.py's, never downloading weights (they are the .pt)
+        return _ZooSpec("timm", "create_model", (arch[len("timm:"):],),
+                        {"num_classes": info.num_classes, "in_chans": info.channels,
+                         **{k: v for k, v in kwargs.items() if k != "pretrained"}, "pretrained": False},
+                        mean, std, native=True)
     return _ZooSpec("rb_labelrefine.models", "create_model", (arch,),
                     {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size,
                      **kwargs}, mean, std, native=False)
@@ -339,8 +368,15 @@ def _zoo_source(name: str, dataset: str, threat_model: str, arch: str, spec: _Zo
     args = [a.name if isinstance(a, ArchRef) else _literal(a, "model_zoo_entry argument") for a in spec.args]
     args += [f"{k}={_literal(v, f'model.kwargs.{k}')}" for k, v in spec.kwargs.items()]
     refs = [a.name for a in spec.args if isinstance(a, ArchRef)]
-    imports = sorted([(_NORMALIZE_MODULE, ["normalize_model"]), (spec.module, [spec.callee] + refs)])
-    if spec.native:
+    imports = sorted([(_NORMALIZE_MODULE, ["normalize_model"]), (spec.module, [spec.callee] + refs),
+                      *REGISTER_IMPORTS.items()])
+    if spec.native and spec.module == "timm":
+        about = (f"Architecture: timm's {arch[len('timm:'):]} (timm.create_model, as RobustBench's own zoo builds its timm\n"
+                 "entries), with the input normalisation the model was trained with as RobustBench's\n"
+                 "normalize_model layer. The file imports only robustbench and timm, so ENTRY can go into a\n"
+                 "RobustBench \"[New Model]\" pull request as it is: add it (and the imports) to the\n"
+                 f"{threat_model} list of robustbench/model_zoo/{dataset}.py.")
+    elif spec.native:
         about = (f"Architecture: RobustBench's own {spec.callee} ({spec.module}), with the input normalisation\n"
                  "the model was trained with as RobustBench's normalize_model layer. The file imports only\n"
                  "robustbench, so ENTRY can go into a RobustBench \"[New Model]\" pull request as it is: add it\n"
@@ -355,14 +391,12 @@ def _zoo_source(name: str, dataset: str, threat_model: str, arch: str, spec: _Zo
 
 {about}
 
-Register it at run time and load the exported weights:
+Importing this file registers ENTRY in RobustBench's model zoo (its last line), so a reviewer
+loads the export from the export directory with
 
-    from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-    model_dicts[BenchmarkDataset('{dataset}')][ThreatModel('{threat_model}')][ENTRY[0]] = ENTRY[1]
-
+    import model_zoo_entry   # with the export directory on sys.path
     from robustbench.utils import load_model
-    model = load_model('{name}', model_dir='models', dataset='{dataset}', threat_model='{threat_model}')
+    model = load_model(model_name='{name}', model_dir='models', dataset='{dataset}', threat_model='{threat_model}')
 
 load_model refuses an entry whose gdrive_id is None. While models/{dataset}/{threat_model}/{name}.pt
 exists under model_dir it reads that file and downloads nothing; after uploading the .pt, put its
@@ -372,7 +406,9 @@ Google Drive id here.
     model = (f"normalize_model(\n        {spec.callee}({', '.join(args)}),\n"
              f"        {_literal(spec.mean, 'data_info.mean')}, {_literal(spec.std, 'data_info.std')})")
     return (f'"""{doc}"""\n{body}\n\nENTRY = ({name!r}, {{\n    \'model\': lambda: {model},\n'
-            f"    'gdrive_id': {_ZOO_PLACEHOLDER_ID!r},\n}})\n")
+            f"    'gdrive_id': {_ZOO_PLACEHOLDER_ID!r},\n"
+            + (f"    'preprocessing': {IMAGENET_PREPROCESSING!r},\n" if dataset == "imagenet" else "")
+            + f"}})\n\n{register_line(dataset, threat_model)}\n")
 
 
 def _read_zoo_entry(source: str) -> dict:
@@ -401,6 +437,20 @@ def _read_zoo_entry(source: str) -> dict:
             if alias.asname or alias.name == "*" or alias.name in imports:
                 raise bad(f"import of {alias.name!r}")
             imports[alias.name] = node.module
+    register = None
+    if len(body) == 2:
+        # the registration line: exactly register_line(<str>, <str>), nothing else
+        consts = [n.value for n in sorted((n for n in ast.walk(body[1]) if isinstance(n, ast.Constant)
+                                           and isinstance(n.value, str)), key=lambda n: (n.lineno, n.col_offset))]
+        if (len(consts) != 2 or not isinstance(body[1], ast.Assign)
+                or ast.dump(body[1]) != ast.dump(ast.parse(register_line(*consts)).body[0])):
+            raise bad("after ENTRY only the registration line "
+                      f"{register_line('<dataset>', '<threat_model>')!r} may follow")
+        register = tuple(consts)
+        body.pop()
+        for mod, names in REGISTER_IMPORTS.items():
+            if any(imports.get(n) != mod for n in names):
+                raise bad(f"the registration line needs 'from {mod} import {', '.join(names)}'")
     if (len(body) != 1 or not isinstance(body[0], ast.Assign) or len(body[0].targets) != 1
             or not isinstance(body[0].targets[0], ast.Name) or body[0].targets[0].id != "ENTRY"):
         raise bad("expected one assignment 'ENTRY = ...' after the imports")
@@ -409,9 +459,11 @@ def _read_zoo_entry(source: str) -> dict:
         raise bad("ENTRY must be (name, {...})")
     name = ast.literal_eval(value.elts[0])
     d = value.elts[1]
-    if [ast.literal_eval(k) if k is not None else None for k in d.keys] != ["model", "gdrive_id"]:
-        raise bad("the dict must have exactly the keys 'model' and 'gdrive_id'")
-    lam, gdrive = d.values
+    keys = [ast.literal_eval(k) if k is not None else None for k in d.keys]
+    if keys not in (["model", "gdrive_id"], ["model", "gdrive_id", "preprocessing"]):
+        raise bad("the dict must have exactly the keys 'model' and 'gdrive_id' (and 'preprocessing' for ImageNet)")
+    lam, gdrive = d.values[:2]
+    preprocessing = ast.literal_eval(d.values[2]) if len(keys) == 3 else None
     a = lam.args if isinstance(lam, ast.Lambda) else None
     if a is None or a.posonlyargs or a.args or a.kwonlyargs or a.vararg or a.kwarg or a.defaults:
         raise bad("'model' must be a lambda without arguments")
@@ -424,7 +476,7 @@ def _read_zoo_entry(source: str) -> dict:
             or len(call.args) != 3 or call.keywords):
         raise bad("'model' must return normalize_model(net, mean, std)")
     net = call.args[0]
-    if not is_call_of(net, set(imports) - {"normalize_model"}):
+    if not is_call_of(net, set(imports) - {"normalize_model"} - {n for ns in REGISTER_IMPORTS.values() for n in ns}):
         raise bad("the network must be built by a call of an imported name")
     args = [ArchRef(n.id) if isinstance(n, ast.Name) and n.id in imports else ast.literal_eval(n) for n in net.args]
     if any(k.arg is None for k in net.keywords):
@@ -432,7 +484,7 @@ def _read_zoo_entry(source: str) -> dict:
     return {"name": name, "imports": imports, "callee": net.func.id, "args": args,
             "kwargs": {k.arg: ast.literal_eval(k.value) for k in net.keywords},
             "mean": ast.literal_eval(call.args[1]), "std": ast.literal_eval(call.args[2]),
-            "gdrive_id": ast.literal_eval(gdrive)}
+            "gdrive_id": ast.literal_eval(gdrive), "register": register, "preprocessing": preprocessing}
 
 
 def _verify_with_robustbench(build, name: str, model_dir: Path, dataset: str, threat_model: str,
@@ -488,11 +540,51 @@ def _sha256(path: Path) -> str:
 
 
 def _existing_export(out: Path) -> Optional[dict]:
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
+    from ..safe_files import read_json
+
+    try:   # never through a link, never a FIFO, bounded: the folder may be anyone's
+        manifest = read_json(out / MANIFEST, max_bytes=16 << 20, max_depth=32, follow_links=False)
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("format") in _READABLE_FORMATS else None
+
+
+def _foreign_files(out: Path, manifest: dict) -> list:
+    """Paths under ``out`` (relative, sorted) that the manifest does not describe: anything but
+    ``export.json``, the files it lists (regular files, not links) and the folders holding them.
+    ``--overwrite`` replaces ``out`` only when this is empty."""
+    files = manifest.get("files")
+    listed = {str(v) for v in files.values() if isinstance(v, str)} if isinstance(files, dict) else set()
+    listed.add(MANIFEST)
+    folders = {str(parent) for rel in listed for parent in Path(rel).parents if str(parent) != "."}
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(out):   # os.walk does not follow links to folders
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(out))
+            if p.is_symlink():
+                foreign.append(rel)
+            elif name in dirnames:
+                if name == "__pycache__" and _only_bytecode_of(p, listed, out):
+                    dirnames.remove(name)   # Python's cache of model_zoo_entry.py (the card says to import it)
+                elif rel not in folders:
+                    foreign.append(rel + "/")
+                    dirnames.remove(name)   # listed once, not file by file
+            elif rel not in listed or not p.is_file():
+                foreign.append(rel)
+    return sorted(foreign)
+
+
+def _only_bytecode_of(cache: Path, listed: set, out: Path) -> bool:
+    """``cache`` (a ``__pycache__``) holds only ``<stem>.*.pyc`` files of listed ``.py`` files."""
+    parent = cache.parent.relative_to(out)
+    stems = {Path(r).stem for r in listed if r.endswith(".py") and Path(r).parent == parent}
+    try:
+        entries = list(os.scandir(cache))
+    except OSError:
+        return False
+    return all(e.is_file(follow_symlinks=False) and e.name.endswith(".pyc") and e.name.split(".")[0] in stems
+               for e in entries)
 
 
 def _edited_files(out: Path, manifest: dict) -> list:
@@ -533,6 +625,12 @@ def _check_out(run_dir: Path, out: Path, overwrite: bool) -> Path:
                 raise ExportError(f"--out: {out} is not empty and holds no rb_labelrefine export ({MANIFEST} missing "
                                   "or unreadable); choose a new or empty directory (--overwrite replaces only an "
                                   "earlier export)")
+            foreign = _foreign_files(out_r, manifest) if overwrite else []
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise ExportError(f"--out: {out} holds files that are not part of the export {manifest.get('name')!r} "
+                                  f"({shown}); --overwrite replaces only a directory its {MANIFEST} describes "
+                                  "completely: move them away or choose a new --out (nothing was changed)")
             if not overwrite:
                 edited = _edited_files(out_r, manifest)
                 raise ExportError(f"--out: {out} already holds the export {manifest.get('name')!r}"
@@ -548,16 +646,72 @@ def _check_out(run_dir: Path, out: Path, overwrite: bool) -> Path:
     return out_r
 
 
+_STAGING_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.partial$")
+_HELD_STAGING: dict = {}     # staging dir -> descriptor holding its flock while this process fills it
+
+
+def _lock_dir(path: Path) -> Optional[int]:
+    """An ``flock``-ed descriptor of the directory ``path`` (not a link), or None if another live
+    process holds it (the kernel drops the lock when its holder dies, kill -9 included)."""
+    import fcntl
+
+    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_staging(out: Path) -> list:
+    """Remove the ``.NAME.<hex>.partial`` staging directories that an export to ``out`` killed
+    before it finished (kill -9, power loss) left next to it.  A staging directory is locked by
+    the process filling it, so one in use by a concurrent export is never touched."""
+    removed = []
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STAGING_RE.match(entry.name)
+        if not m or m.group("name") != out.name or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = _lock_dir(Path(entry.path))
+        except OSError:
+            continue
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _release_staging(tmp: Path) -> None:
+    fd = _HELD_STAGING.pop(str(tmp), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _staging_dir(out: Path) -> Path:
-    """A new, empty sibling of ``out`` (same file system, so the final rename is atomic)."""
+    """A new, empty sibling of ``out`` (same file system, so the final rename is atomic), locked
+    while this process fills it; stale staging directories of killed exports are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
     for _ in range(100):
         tmp = out.parent / f".{out.name}.{os.urandom(4).hex()}.partial"
         try:
             os.mkdir(tmp)          # default mode (umask applies), unlike mkdtemp's 0700
-            return tmp
         except FileExistsError:
             continue
+        fd = _lock_dir(tmp)
+        if fd is not None:
+            _HELD_STAGING[str(tmp)] = fd
+        return tmp
     raise FileExistsError(f"could not create a staging directory next to {out}")
 
 
@@ -581,15 +735,32 @@ def _exchange(a: Path, b: Path) -> bool:
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Make the complete staged export ``out``. An existing ``out`` (empty, or an export being
     overwritten) is exchanged with it in one step where the system allows, else renamed aside
-    first; either way ``out`` never holds a mix of two exports."""
+    first; either way ``out`` never holds a mix of two exports.  SIGTERM/SIGINT wait until the
+    renames are done (a handler raising between two of them would strand the old export)."""
+    import signal
+
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    except (AttributeError, ValueError, OSError):
+        blocked = None
+    try:
+        _move_into_place_now(tmp, out, overwrite)
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _move_into_place_now(tmp: Path, out: Path, overwrite: bool) -> None:
     if not os.path.lexists(out):
         os.rename(tmp, out)
+        _release_staging(tmp)
         return
     if not overwrite and any(out.iterdir()):
         # filled since _check_out looked (e.g. a concurrent export): never replace it unasked
         raise ExportError(f"--out: {out} was filled by another process during the export; pass --overwrite to "
                           "replace it, or choose a new --out")
     if _exchange(tmp, out):
+        _release_staging(tmp)
         shutil.rmtree(tmp)        # now the previous export
         return
     old = tmp.with_name(tmp.name[:-len(".partial")] + ".old")
@@ -599,7 +770,8 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     except OSError:
         os.rename(old, out)
         raise
-    shutil.rmtree(old)
+    _release_staging(tmp)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- export
@@ -608,7 +780,8 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
                eps: Optional[float] = None, autoattack: Optional[dict] = None, sanity: Optional[dict] = None,
                dataset: Optional[str] = None, authors: Optional[str] = None, link: Optional[str] = None,
                venue: Optional[str] = None, additional_data: bool = False, license: str = "mit",
-               verify: bool = True, overwrite: bool = False, log=None) -> dict:
+               verify: bool = True, overwrite: bool = False, log=None, model_name: Optional[str] = None,
+               checkpoint_url: Optional[str] = None) -> dict:
     """Export ``run_dir``'s ``best`` or ``final`` weights to ``out_dir`` (see the module docstring).
 
     Args:
@@ -627,6 +800,9 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
             run's data set; runs on other data sets are exported in the same layout, marked as not
             loadable by RobustBench (and without a model-zoo entry).
         authors, link, venue, additional_data: ModelInfo fields (never guessed).
+        model_name: ModelInfo's ``name`` -- RobustBench shows it on the leaderboard (for its own
+            entries the paper's title); default "<method title> (rb_labelrefine)".
+        checkpoint_url: where the weights are published (the "[New Model]" text cites it).
         verify: load the written files back (through :func:`load_exported`, and for RobustBench
             datasets through ``robustbench.utils.load_model``) and require identical outputs.
         overwrite: replace an earlier export in ``out_dir`` (as a whole, in one step). Without it
@@ -650,6 +826,11 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
         raise ExportError(f"--checkpoint: {run_dir} is not a run directory")
     if name is not None:
         check_name(name, "--name")
+    for field, value in (("--model-name", model_name), ("--authors", authors), ("--link", link), ("--venue", venue),
+                         ("checkpoint_url", checkpoint_url)):
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 500
+                                  or any(ord(c) < 32 for c in value)):
+            raise ExportError(f"{field}: must be one line of text (1-500 characters), got {str(value)[:60]!r}")
     out = _check_out(run_dir, out_dir, overwrite)
 
     cfg = load_run_config(run_dir)
@@ -705,13 +886,13 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
     model.eval()
     input_shape = (info.channels, info.image_size, info.image_size)
 
-    pt_state = _pt_state(state)
+    pt_state = _pt_state(state, ds if loadable else None)
     spec = zoo_source = None
     if loadable:
         _check_robustbench_keys(pt_state)
         spec = _zoo_spec(arch, kwargs, info)
         zoo_source = _zoo_source(name, ds, tm, arch, spec)
-        if _read_zoo_entry(zoo_source) != spec.as_read(name):
+        if _read_zoo_entry(zoo_source) != spec.as_read(name, ds, tm):
             raise RuntimeError("the generated model_zoo_entry.py does not read back as the model it describes")
 
     from ..config import config_to_dict
@@ -724,18 +905,20 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
         zoo_note = (f"RobustBench has no {arch} architecture: model_zoo_entry.py builds the network with "
                     "rb_labelrefine, so the entry cannot go into a RobustBench pull request as it is (the "
                     "architecture's code would have to be added to robustbench/model_zoo/architectures).")
-    context = card_context(name=name, cfg=config_to_dict(cfg), dataset=ds, threat_model=tm, eps=eps, which=which,
+    context = card_context(name=name, cfg=portable(config_to_dict(cfg)), dataset=ds, threat_model=tm, eps=eps, which=which,
                            autoattack=results, sanity=sanity, summary=summary,
                            curves="curves.png" if has_curves else None, training_data=info.name,
                            robustbench_loadable=loadable, license=license, std_eps=std_eps, zoo_note=zoo_note)
     card = render_model_card(context)
     model_info = _model_info(ds, eps, results.get(which), cfg, info, arch, kwargs, authors, link, venue,
-                             additional_data, loadable)
+                             additional_data, loadable, tm, model_name)
+    data_info_meta = json.dumps(portable(json.loads(info_to_metadata(info))))   # no local path in any file
 
     rel = {"weights_pt": Path("models", ds, tm, f"{name}.pt"), "safetensors": Path(f"{name}.safetensors"),
            "model_info": Path("model_info", ds, tm, f"{name}.json")}
     if zoo_source is not None:
         rel["zoo_entry"] = Path("model_zoo_entry.py")
+        rel["new_model_issue"] = Path(ISSUE_FILE)
     if has_curves:
         rel["curves"] = Path("curves.png")
     rel["model_card"] = Path("README.md")
@@ -749,7 +932,7 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
             p.parent.mkdir(parents=True, exist_ok=True)
         torch.save(pt_state, paths["weights_pt"])
         st_meta = {"format": _FORMAT, "name": name, "arch": arch, "model_kwargs": json.dumps(kwargs),
-                   "data_info": info_to_metadata(info), "dataset": ds, "threat_model": tm, "eps": repr(float(eps)),
+                   "data_info": data_info_meta, "dataset": ds, "threat_model": tm, "eps": repr(float(eps)),
                    "which": which, "method": cfg.method.name, "objective": cfg.objective.name}
         if epoch is not None:
             st_meta["epoch"] = epoch
@@ -757,6 +940,15 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
         paths["model_info"].write_text(json.dumps(model_info, indent=2) + "\n")
         if zoo_source is not None:
             paths["zoo_entry"].write_text(zoo_source)
+            r = results.get(which) or {}
+            evaluation = None
+            if r.get("robust_acc") is not None:
+                backend = " ".join(str(r[k]) for k in ("backend", "backend_version") if r.get(k))
+                evaluation = (f"AutoAttack {'standard' if r.get('standard') else 'non-standard (' + str(r.get('version')) + ')'}"
+                              + (f", {backend}" if backend else "") + (f", on {r['n']} test points" if r.get("n") else ""))
+            paths["new_model_issue"].write_text(new_model_issue(
+                model_name=name, model_info=model_info, threat_model=tm, evaluation=evaluation,
+                in_zoo_terms=spec.native, checkpoint=checkpoint_url, license=license))
         if has_curves:
             shutil.copyfile(curves_src, paths["curves"])
         paths["model_card"].write_text(card)
@@ -765,10 +957,11 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
             "robustbench_loadable": loadable,
             "robustbench_architecture": None if spec is None else spec.native,
             "which": which, "epoch": None if epoch is None else int(epoch),
-            "source": {"run_dir": str(run_dir.resolve()), "weights": str(weights_path.resolve()),
+            # names, not local paths: the export is published as it is
+            "source": {"run_dir": run_dir.resolve().name, "weights": weights_path.name,
                        "config_fingerprint": meta.get("config_fingerprint"),
                        "fields_added_later": added_later},
-            "arch": arch, "model_kwargs": kwargs, "data_info": json.loads(info_to_metadata(info)),
+            "arch": arch, "model_kwargs": kwargs, "data_info": json.loads(data_info_meta),
             "method": cfg.method.name, "objective": cfg.objective.name,
             "evaluations": results, "sanity": sanity,
             "files": {k: str(r) for k, r in rel.items()},
@@ -776,6 +969,10 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
             "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        leaked = local_paths_in(tmp, {str(run_dir.resolve()), str(run_dir.absolute())}
+                                | local_paths(config_to_dict(cfg)) | local_paths(getattr(info, "source", "")))
+        if leaked:   # the export is published as it is: never with a path of this machine
+            raise RuntimeError(f"the export would contain local paths: {leaked[:3]}")
         if verify:
             _check_same_outputs(model, load_exported(paths["safetensors"]), "load_exported(.safetensors)", input_shape)
             _check_same_outputs(model, load_exported(paths["weights_pt"]), "load_exported(.pt)", input_shape)
@@ -783,16 +980,19 @@ def export_run(run_dir, out_dir, *, name: Optional[str] = None, which: str = "be
                 _verify_with_robustbench(spec.build, name, tmp / "models", ds, tm, model, input_shape)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
+        _release_staging(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**{k: out_dir / r for k, r in rel.items()}, "manifest": out_dir / MANIFEST}
 
 
-def _model_info(ds, eps, result, cfg, info, arch, kwargs, authors, link, venue, additional_data, loadable) -> dict:
+def _model_info(ds, eps, result, cfg, info, arch, kwargs, authors, link, venue, additional_data, loadable,
+                threat_model="Linf", model_name=None) -> dict:
     """``dataclasses.asdict(robustbench.utils.ModelInfo(...))`` when RobustBench is importable.
 
-    Values follow ``robustbench.utils.update_json``: accuracies as strings rounded to two
-    decimals (percent), ``eps`` as a float.  Unmeasured values stay ``None``.
+    Values as RobustBench's own ``model_info/*.json`` write them: accuracies as strings rounded to
+    two decimals (percent), ``eps`` as a string (``"8/255"``, ``"0.5"``: :func:`.publish.eps_text`).
+    Unmeasured values stay ``None``.
     """
     method_title = (METHOD_INFO.get(cfg.method.name) or {}).get("title")
     label = method_label(cfg.method.name, cfg.objective.name)
@@ -807,14 +1007,14 @@ def _model_info(ds, eps, result, cfg, info, arch, kwargs, authors, link, venue, 
         notes.append("not evaluated with AutoAttack")
     fields = dict(
         link=link,
-        name=(f"{method_title} (rb_labelrefine)" if method_title else f"{label} (rb_labelrefine)"),
+        name=model_name or (f"{method_title} (rb_labelrefine)" if method_title else f"{label} (rb_labelrefine)"),
         authors=authors,
         additional_data=bool(additional_data),
         number_forward_passes=1,
         dataset=ds,
         venue=venue,
         architecture=arch_title(arch, kwargs),
-        eps=float(eps),
+        eps=eps_text(eps, threat_model),
         clean_acc=_acc_str(result, "clean_acc"),
         reported=None,
         autoattack_acc=_acc_str(result, "robust_acc"),
@@ -850,12 +1050,11 @@ def _is_png(path: Path) -> bool:
 
 def _read_summary(path: Path) -> Optional[dict]:
     """The run's summary.json (optional); present but unreadable or not an object is refused."""
-    if not path.is_file():
+    from ..safe_files import read_json
+
+    if not os.path.lexists(path):
         return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc})") from None
+    data = read_json(path, max_bytes=16 << 20, max_depth=32, follow_links=False)   # exit 2 naming it
     if not isinstance(data, dict):
         raise ExportError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -868,10 +1067,9 @@ def _manifest_for(path: Path) -> dict:
     candidates = [path / MANIFEST] if path.is_dir() else [p / MANIFEST for p in list(path.parents)[:4]]
     for c in candidates:
         if c.is_file():
-            try:
-                manifest = json.loads(c.read_text())
-            except ValueError as exc:
-                raise ExportError(f"{c} is not valid JSON ({exc})") from None
+            from ..safe_files import read_json
+
+            manifest = read_json(c, max_bytes=16 << 20, max_depth=32, follow_links=False)   # exit 2 naming it
             if not isinstance(manifest, dict) or manifest.get("format") not in _READABLE_FORMATS:
                 raise ExportError(f"{c} is not an rb_labelrefine export manifest (format "
                                   f"{str(manifest.get('format') if isinstance(manifest, dict) else None)[:40]!r})")
@@ -915,6 +1113,11 @@ def load_exported(path: Union[str, Path], device="cpu") -> nn.Module:
     elif path.suffix == ".pt":
         raw = read_pt_state_dict(path)
         manifest = _manifest_for(path)
+        if manifest.get("dataset") == "imagenet":   # the bare network (see _pt_state): the wrapper's keys back
+            mi = manifest.get("data_info") or {}
+            raw = {PT_PREFIX + "normalize.mean": torch.tensor(mi.get("mean", ())).reshape(1, -1, 1, 1),
+                   PT_PREFIX + "normalize.std": torch.tensor(mi.get("std", ())).reshape(1, -1, 1, 1),
+                   **{PT_PREFIX + "model." + k: v for k, v in raw.items()}}
         if any(not k.startswith(PT_PREFIX) for k in raw):
             raise ExportError(f"{path}: expected every key to start with {PT_PREFIX!r} (the export's convention)")
         state = {k[len(PT_PREFIX):]: v for k, v in raw.items()}

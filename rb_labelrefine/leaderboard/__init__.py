@@ -20,11 +20,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from ..errors import BadInputError
+
 __all__ = ["SNAPSHOT_FILE", "FULL_TEST", "load_snapshot", "entries", "robust_key", "rank", "format_rank",
            "format_table", "parse_result"]
 
 SNAPSHOT_FILE = "robustbench_snapshot.json"
-FULL_TEST = {"cifar10": 10000, "cifar100": 10000}
+FULL_TEST = {"cifar10": 10000, "cifar100": 10000, "imagenet": 5000}   # imagenet: RobustBench's 5,000-image subset
 _EPS_TOL = 5e-4          # RobustBench's own files write 8/255 also as 0.031
 _POINTS = re.compile(r"on (\d+) test points")
 
@@ -32,7 +34,9 @@ _POINTS = re.compile(r"on (\d+) test points")
 def load_snapshot(path=None) -> dict:
     """The shipped snapshot (or a JSON file of the same shape)."""
     if path is not None:
-        return json.loads(Path(path).read_text())
+        from ..safe_files import read_json
+
+        return read_json(path, "snapshot", max_bytes=64 << 20, max_depth=32)
     return json.loads((resources.files("rb_labelrefine.leaderboard") / SNAPSHOT_FILE).read_text())
 
 
@@ -41,7 +45,7 @@ def entries(snapshot: dict, dataset: str, threat_model: str) -> tuple[list[dict]
     bench = snapshot.get("benchmarks", {})
     if dataset not in bench or threat_model not in bench[dataset]:
         have = [f"{d}/{t}" for d, tms in bench.items() for t in tms]
-        raise ValueError(f"the snapshot has no {dataset}/{threat_model} entries; available: {have}")
+        raise BadInputError(f"the snapshot has no {dataset}/{threat_model} entries; available: {have}")
     b = bench[dataset][threat_model]
     return list(b["entries"]), float(b["eps"])
 
@@ -56,58 +60,78 @@ def _order(pool: list[dict]) -> list[dict]:
     return sorted(pool, key=lambda e: (-robust_key(e), -(e.get("clean_acc") or 0.0), e["id"]))
 
 
-def _as_float(v) -> Optional[float]:
-    if v is None or v == "":
-        return None
-    return float(v)
-
-
 def _percent(v, field: str) -> Optional[float]:
     """An accuracy in percent: a finite number in [0, 100] (NaN or 150 would rank first)."""
     if v is None or v == "":
         return None
     try:
+        if isinstance(v, bool):
+            raise TypeError
         out = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{field} must be a number (percent), got {v!r}") from None
+        raise BadInputError(f"{field} must be a number (percent), got {v!r}") from None
     if not (math.isfinite(out) and 0.0 <= out <= 100.0):
-        raise ValueError(f"{field} must be a percentage in [0, 100], got {v!r}")
+        raise BadInputError(f"{field} must be a percentage in [0, 100], got {v!r}")
     return out
 
 
 def _eps(v) -> Optional[float]:
-    if isinstance(v, str) and "/" in v:
-        num, den = v.split("/", 1)
-        try:
-            return float(num) / float(den)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"eps must be a number or a fraction like 8/255, got {v!r}") from None
-    return _as_float(v)
+    if v is None or v == "":
+        return None
+    out = None
+    try:
+        if isinstance(v, str):
+            num, den = v.split("/", 1) if "/" in v else (v, "1")
+            out = float(num) / float(den)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out = float(v)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        out = None
+    if out is None or not math.isfinite(out) or not out > 0:
+        raise BadInputError(f"eps must be a positive number or a fraction like 8/255, got {str(v)[:40]!r}")
+    return out
 
 
-def parse_result(result) -> dict:
+def parse_result(result, source: Optional[str] = None) -> dict:
     """Normalise what ``rank`` accepts: an AutoAttack/``benchmark`` result (``robust_acc``), an
     ``eval --json`` file's content (``autoattack`` inside), a ``model_info`` dict / ModelInfo
     (``autoattack_acc``), or a path to any of these as JSON."""
+    from ..results_schema import SchemaError, check_model_info, count
+
+    where = source or "the input"
     if isinstance(result, (str, Path)):
-        result = json.loads(Path(result).read_text())
+        from ..safe_files import read_json
+
+        where = str(result)
+        result = read_json(result, max_bytes=16 << 20, max_depth=32)
     elif dataclasses.is_dataclass(result) and not isinstance(result, type):
         result = dataclasses.asdict(result)
     if not isinstance(result, dict):
-        raise TypeError("rank() takes a result dict, an eval --json dict, a model_info dict/ModelInfo, "
-                        "or a path to one of them")
+        raise BadInputError("rank() takes a result dict, an eval --json dict, a model_info dict/ModelInfo, "
+                            "or a path to one of them")
     outer = {}
     if isinstance(result.get("autoattack"), dict):          # `rb-labelrefine eval --json` output
+        check_model_info(result, where)
         outer, result = result, {**result["autoattack"], "dataset": result.get("dataset")}
+    check_model_info(result, where)     # names, data set and additional_data typed (a string "false" is no bool)
     aa = result.get("autoattack_acc", result.get("robust_acc"))
     if aa is None:
-        raise ValueError("the input has no robust accuracy ('autoattack_acc' of model_info or 'robust_acc' "
+        raise BadInputError("the input has no robust accuracy ('autoattack_acc' of model_info or 'robust_acc' "
                          "of an AutoAttack result)")
-    n = result.get("n")
+    n = count(result, "n", where)       # an integer in [1, 10^9]: not 0, -3, 1e999, [1], "many"
     if n is None and isinstance(result.get("footnote"), str):
         # model_info has no point count; the package's exports state it in the footnote
-        m = _POINTS.search(result["footnote"])
-        n = int(m.group(1)) if m else None
+        m = _POINTS.search(result["footnote"][:2000])
+        n = int(m.group(1)) if m and len(m.group(1)) <= 10 else None
+        if n is not None and not 1 <= n <= 10 ** 9:
+            raise SchemaError(f"{where}: footnote claims {n} test points")
+    for key in ("norm", "threat_model"):
+        v = result.get(key, outer.get(key))
+        if v is not None and not isinstance(v, str):
+            raise SchemaError(f"{where}: {key} must be a string, got {str(v)[:40]!r}")
+    std = result.get("standard")
+    if std is not None and not isinstance(std, bool):
+        raise SchemaError(f"{where}: standard must be true or false, got {str(std)[:40]!r}")
     return {
         "name": result.get("name") or result.get("model_name") or outer.get("checkpoint") or "your model",
         "autoattack_acc": _percent(aa, "the AutoAttack accuracy"),
@@ -115,7 +139,7 @@ def parse_result(result) -> dict:
         "extra_data": result.get("additional_data", result.get("extra_data")),
         "eps": _eps(result.get("eps", outer.get("eps"))),
         "norm": result.get("norm") or result.get("threat_model") or outer.get("norm"),
-        "n": None if n is None else int(n),
+        "n": n,
         "standard": result.get("standard"),
         "dataset": result.get("dataset"),
     }
@@ -148,7 +172,8 @@ def _span(lo: float, hi: float, pool: list[dict]) -> tuple[int, int]:
 
 
 def rank(result_or_model_info, dataset: str = "cifar10", threat_model: str = "Linf",
-         extra_data: Optional[bool] = None, *, snapshot: Optional[dict] = None, neighbours: int = 2) -> dict:
+         extra_data: Optional[bool] = None, *, snapshot: Optional[dict] = None, neighbours: int = 2,
+         source: Optional[str] = None) -> dict:
     """Position of a result among the snapshot's entries, with and without extra-data entries.
 
     Args:
@@ -165,13 +190,13 @@ def rank(result_or_model_info, dataset: str = "cifar10", threat_model: str = "Li
     """
     snapshot = snapshot or load_snapshot()
     pool, eps = entries(snapshot, dataset, threat_model)
-    you = parse_result(result_or_model_info)
+    you = parse_result(result_or_model_info, source)
     if you["dataset"] is not None and you["dataset"] != dataset:
-        raise ValueError(f"the result is for {you['dataset']}, not {dataset}")
+        raise BadInputError(f"the result is for {you['dataset']}, not {dataset}")
     if you["norm"] is not None and you["norm"] != threat_model:
-        raise ValueError(f"the result is for {you['norm']}, not {threat_model}: it cannot be ranked there")
+        raise BadInputError(f"the result is for {you['norm']}, not {threat_model}: it cannot be ranked there")
     if you["eps"] is not None and abs(you["eps"] - eps) > _EPS_TOL:
-        raise ValueError(f"the result was measured at eps={you['eps']:.6g}, the {dataset}/{threat_model} leaderboard "
+        raise BadInputError(f"the result was measured at eps={you['eps']:.6g}, the {dataset}/{threat_model} leaderboard "
                          f"uses eps={eps:.6g}; the numbers are not comparable")
     if extra_data is None:
         extra_data = bool(you["extra_data"]) if you["extra_data"] is not None else False

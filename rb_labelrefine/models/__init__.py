@@ -5,7 +5,7 @@ PreAct-ResNet / WideResNet code, any timm model as ``timm:<name>``, and any user
 from .factory import build_model, count_parameters
 from .normalize import NormalizedModel, wrap_module
 from .registry import TIMM_PREFIX, create_model, is_model, list_models, register_model
-from . import small, robustbench_archs  # noqa: F401  (register the built-in architectures)
+from . import small, robustbench_archs, dm_wide_resnet  # noqa: F401  (register the built-in architectures)
 
 __all__ = [
     "NormalizedModel", "wrap_module", "build_model", "count_parameters",

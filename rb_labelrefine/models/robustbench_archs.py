@@ -101,8 +101,23 @@ def _fixed_wrn(depth: int, width: int):
     return lambda num_classes, **kwargs: _wrn_call(num_classes, depth=depth, width=width, **kwargs)
 
 
+def _dm_wrn_call(num_classes: int, depth: int = 28, width: int = 10, activation: str = "swish"):
+    """RobustBench's ``DMWideResNet(num_classes, depth, width, Swish, mean 0, std 1)`` for
+    :mod:`.dm_wide_resnet` (the normalisation is ``normalize_model``'s); swish only -- the ReLU form
+    has no activation class in that module to name, so it exports through rb_labelrefine."""
+    if activation != "swish":
+        return None
+    return RobustBenchCall("dm_wide_resnet", "DMWideResNet", (num_classes, depth, width, ArchRef("Swish"),
+                                                              [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]), {})
+
+
+def _fixed_dm_wrn(depth: int, width: int):
+    return lambda num_classes, **kwargs: _dm_wrn_call(num_classes, depth=depth, width=width, **kwargs)
+
+
 _CALLS = {"preact_resnet18": _preact_call, "resnet18": _resnet_call, "wrn": _wrn_call,
-          "wrn_28_10": _fixed_wrn(28, 10), "wrn_34_10": _fixed_wrn(34, 10), "wrn_70_16": _fixed_wrn(70, 16)}
+          "wrn_28_10": _fixed_wrn(28, 10), "wrn_34_10": _fixed_wrn(34, 10), "wrn_70_16": _fixed_wrn(70, 16),
+          "dm_wrn": _dm_wrn_call, "dm_wrn_28_10": _fixed_dm_wrn(28, 10), "dm_wrn_70_16": _fixed_dm_wrn(70, 16)}
 
 
 def robustbench_call(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32,

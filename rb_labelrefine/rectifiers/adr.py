@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..averaging import EMA
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..fast import teacher_forward
 from .adr_auto import AutoTauLambda, budget_points, fit_every
 from .base import Rectifier, Target
@@ -167,6 +167,9 @@ class ADR(Rectifier):
         if self.auto is not None:
             self.auto.load_state_dict(state["auto"])
 
+    def modules(self) -> list:
+        return [self.teacher]  # the EMA teacher (the WA EMA itself when shared)
+
     def to(self, device):
         self.teacher.to(device)
         return self
@@ -227,7 +230,8 @@ _BIBTEX = """@inproceedings{wu2024annealing,
 def build_adr(s: ADRSettings, ctx: BuildContext) -> ADR:
     decay = ctx.decay_scale(s.ema_decay)
     teacher = None
-    if ctx.shared_ema is not None and abs(ctx.shared_ema.decay - decay) < 1e-12:
+    if ctx.shared_ema is not None and abs(ctx.shared_ema.decay - decay) < 1e-12 \
+            and not getattr(ctx.shared_ema, "dynamic", False):   # (wa.form gowal is not ADR's teacher)
         teacher = ctx.shared_ema  # WA with the same decay *is* ADR's teacher (one EMA, not two)
     return ADR(ctx.model, ctx.num_classes, ctx.total_steps, ema_decay=decay, tau_high=s.tau_high,
                tau_low=s.tau_low, lambda_low=s.lambda_low, lambda_high=s.lambda_high, teacher=teacher,

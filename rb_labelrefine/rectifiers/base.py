@@ -143,6 +143,14 @@ class Rectifier:
         every rank calls it the same number of times.  State that only follows the weights (EMA
         teachers) or is frozen needs nothing: the default does nothing."""
 
+    # -- modules -----------------------------------------------------------------------------
+    def modules(self) -> list:
+        """The modules (``nn.Module``) this rectifier holds and runs -- EMA and frozen teachers, not the
+        student it is given.  The trainer puts them in ``channels_last`` with the student and, under
+        torchrun, broadcasts their weights from rank 0; a rectifier that holds a teacher lists it here
+        (however it stores it: an attribute, a list, a dict).  The default: none."""
+        return []
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch}

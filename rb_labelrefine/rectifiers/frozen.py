@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["freeze", "check_teacher_path"]
 

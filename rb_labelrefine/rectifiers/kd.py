@@ -57,6 +57,9 @@ class KDSelfTeachers(Rectifier):
         ce_weight = 1.0 - self.robust_weight - self.standard_weight
         return Target(y, for_attack=y, ce_weight=ce_weight, kd_terms=terms)
 
+    def modules(self) -> list:
+        return [t for t in (self.robust_teacher, self.standard_teacher) if t is not None]
+
     def to(self, device):
         for t in (self.robust_teacher, self.standard_teacher):
             if t is not None:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..fast import teacher_forward
 from .base import Rectifier, Target
 from .frozen import check_teacher_path, freeze
@@ -44,6 +44,9 @@ class LTD(Rectifier):
             raise ValueError(f"the LTD teacher predicts {t_logits.shape[1]} classes, the task has {self.num_classes}")
         dist = F.softmax(t_logits.float() / self.temperature, dim=1)
         return Target(y, dist, for_attack=y)  # the attack uses the original label / TRADES KL
+
+    def modules(self) -> list:
+        return [self.teacher]
 
     def to(self, device):
         self.teacher.to(device)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch.nn as nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import Rectifier
 
 __all__ = ["BuildContext", "MethodSettings", "MethodSpec", "register_method", "get_method", "method_names",

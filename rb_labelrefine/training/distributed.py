@@ -7,11 +7,14 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; with W
 trainer joins a process group (``nccl`` on CUDA -- one GPU per process, ``cuda:LOCAL_RANK`` --,
 ``gloo`` on the CPU).  What each part does:
 
-* **data**: ``data.batch_size`` stays the *global* batch.  Every rank walks the trainer's own
-  deterministic :class:`~rb_labelrefine.training.trainer.EpochSampler` permutation (same seed, same
-  epoch, same mid-epoch skip) in global batches and takes its contiguous slice of each: rank ``r``
-  of ``W`` gets ``B/W`` samples (sizes differ by at most one when ``W`` does not divide a batch).
-  The union of the ranks' step-``k`` batches is the single-process step-``k`` batch.
+* **data** (the batch stream, :mod:`rb_labelrefine.training.stream`): ``data.batch_size`` stays the
+  *global* batch.  Every rank walks the same deterministic epoch order (same seed, same epoch, same
+  mid-epoch skip) in global batches and takes its contiguous slice of each: rank ``r`` of ``W`` gets
+  ``B/W`` samples (sizes differ by at most one when ``W`` does not divide a batch).  Generated rows
+  (``data.aux``) are shared out the same way: every rank advances the one seeded auxiliary stream by
+  the global batch's count and reads only its own slice, so the shares are disjoint and every rank's
+  stream position is the checkpoint's.  The union of the ranks' step-``k`` batches is the
+  single-process step-``k`` batch; per-sample state indexes generated rows after the real ones.
 * **model**: initial weights, buffers, the averaged copies (WA, SWA, ADR's EMA) and the teachers are
   broadcast from rank 0; the training forward goes through ``DistributedDataParallel``
   (gradients averaged in backward).  The attack runs on the *unwrapped* module: crafting x' only
@@ -30,8 +33,9 @@ trainer joins a process group (``nccl`` on CUDA -- one GPU per process, ``cuda:L
   PGD, test curve, SWA's BatchNorm pass) runs identically on every rank -- same weights, same RNG
   stream -- so the best-epoch decision agrees without communication; AutoAttack runs on rank 0.
 * **files and logs**: written by rank 0 only (:func:`rank_zero_only`); the other ranks are quiet.
-* **signals / non-finite loss**: the trainer's one signal handler notes a SIGTERM/SIGINT here
-  during training, and ranks agree before acting (an all-reduce of the flags), so all of them stop
+* **signals / non-finite loss**: the trainer's one signal handler (training/signals.py, the one
+  owner of the stop state) notes a SIGTERM/SIGINT as pending during training, and ranks agree
+  before acting (an all-reduce of the flags, :meth:`DistributedContext.any_true`), so all of them stop
   -- or raise -- at the same step.  After the last step (final weights, AutoAttack: no collectives
   left) a signal stops the rank at the next safe point, as in a single process.  The run
   directory's lock is taken by rank 0, the only writer.
@@ -46,14 +50,14 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import signal
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Sampler
+
+from .stream import ShardedBatchSampler, slice_bounds  # noqa: F401 (re-exported: the data split lives in stream.py)
 
 __all__ = ["DistributedContext", "ShardedBatchSampler", "init_distributed", "is_main_process", "rank_zero_only",
            "env_world"]
@@ -84,48 +88,6 @@ def rank_zero_only(fn: Callable, *, returns_path_arg: Optional[int] = None) -> C
     return wrapper
 
 
-class ShardedBatchSampler(Sampler):
-    """This rank's slice of each global batch of a trainer's ``EpochSampler``.
-
-    ``set_epoch(epoch, skip)`` is forwarded (``skip`` counts samples of the global order), so the
-    deterministic order, the resume-mid-epoch skip and ``steps_per_epoch`` stay those of the
-    single-process run."""
-
-    def __init__(self, base, batch_size: int, rank: int, world_size: int, on_set_epoch: Optional[Callable] = None,
-                 drop_last: bool = False):
-        if batch_size < world_size:
-            raise ValueError(f"the global batch ({batch_size}) is smaller than the number of ranks ({world_size})")
-        self.base, self.batch_size, self.rank, self.world_size = base, int(batch_size), int(rank), int(world_size)
-        self.on_set_epoch = on_set_epoch
-        self.drop_last = bool(drop_last)  # data.drop_last: no partial last global batch
-
-    def set_epoch(self, epoch: int, skip: int = 0):
-        self.base.set_epoch(epoch, skip)
-        if self.on_set_epoch is not None:
-            self.on_set_epoch(epoch, skip)
-
-    @staticmethod
-    def slice_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-        """``[start, stop)`` of rank's share of a batch of ``n``: sizes differ by at most one."""
-        q, r = divmod(n, world_size)
-        start = rank * q + min(rank, r)
-        return start, start + q + (1 if rank < r else 0)
-
-    def __iter__(self):
-        order = list(iter(self.base))
-        for i in range(0, len(order), self.batch_size):
-            batch = order[i:i + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
-                return
-            a, b = self.slice_bounds(len(batch), self.rank, self.world_size)
-            yield batch[a:b]
-
-    def __len__(self):
-        if self.drop_last:
-            return len(self.base) // self.batch_size
-        return (len(self.base) + self.batch_size - 1) // self.batch_size
-
-
 class DistributedContext:
     """The process group as the trainer sees it.  ``enabled`` is False in a single process, and
     then every method is a cheap no-op."""
@@ -134,10 +96,8 @@ class DistributedContext:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.backend = backend
         self.enabled = world_size > 1
-        self.pending_signal: Optional[int] = None  # set by the trainer's signal handler, agreed on in after_update
         self._buffers: Optional[list] = None
         self._carried = (0.0, 0.0)
-        self._guard = None
 
     @property
     def is_main(self) -> bool:
@@ -201,48 +161,22 @@ class DistributedContext:
                     t.data.copy_(v)
 
     # ------------------------------------------------------------------ trainer hooks
-    def setup_trainer(self, trainer) -> None:
-        """Called right after the trainer resolved its device: one device per rank, quiet ranks."""
-        if not self.enabled:
-            return
-        if trainer.device.type == "cuda":
-            trainer.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(trainer.device)
-        if not self.is_main:
-            trainer.log = lambda msg: None
-            trainer.progress = False
+    def rank_device(self, device: torch.device) -> torch.device:
+        """This rank's device for the configured one: ``cuda:LOCAL_RANK`` under torchrun on CUDA."""
+        if self.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
 
-    def shard_loader(self, trainer) -> None:
-        """Replace the trainer's loader by this rank's slices of the same global batches."""
-        cfg = trainer.cfg
-        B, W, n = cfg.data.batch_size, self.world_size, len(trainer.train_ds)
-        last = 0 if cfg.data.drop_last else n % B
-        if B < W or 0 < last < W:
-            from ..config import ConfigError
-            raise ConfigError("data.batch_size", f"with {W} ranks every global batch needs at least {W} samples; "
-                              f"{n} training samples in batches of {B} leave a last batch of {last or B}. "
-                              "Choose another batch size (or data.train_subset).")
-        sampler = ShardedBatchSampler(trainer.sampler, B, self.rank, W, on_set_epoch=self._on_set_epoch(trainer),
-                                      drop_last=cfg.data.drop_last)
-        trainer.sampler = sampler
-        trainer.train_loader = DataLoader(trainer.train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                          generator=trainer.train_loader.generator)
+    def carry_epoch_sums(self, acc: Optional[dict]) -> None:
+        """At the start of an epoch: a resumed epoch carries its partial sums (already summed over
+        ranks) on every rank -- remember them, so :meth:`reduce_epoch_sums` counts them once."""
+        acc = acc or {}
+        self._carried = (float(acc.get("loss", 0.0)), float(acc.get("correct", 0.0)))
 
-    def _on_set_epoch(self, trainer):
-        def hook(epoch, skip):
-            # a resumed epoch carries its partial sums (already summed over ranks) on every rank:
-            # remember them, so reduce_epoch_sums counts them once
-            acc = trainer.epoch_acc if skip else {}
-            self._carried = (float(acc.get("loss", 0.0)), float(acc.get("correct", 0.0)))
-        return hook
-
-    def broadcast_replicas(self, trainer) -> None:
-        """Rank 0's initial weights everywhere: the model, WA/SWA copies, the rectifier's modules."""
-        mods = [trainer.model]
-        for owner in (trainer.wa, trainer.swa):
-            if owner is not None:
-                mods.append(owner.module)
-        mods += [v for v in vars(trainer.rectifier).values() if isinstance(v, nn.Module)]
+    def broadcast_modules(self, mods) -> None:
+        """Rank 0's initial weights everywhere: the model, WA/SWA copies, the rectifier's modules
+        (each module once)."""
         seen = set()
         for m in mods:
             if id(m) not in seen:
@@ -261,44 +195,27 @@ class DistributedContext:
               else {"broadcast_buffers": False})
         return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, **kw)
 
-    @staticmethod
-    def global_batch_size(global_step: int, trainer) -> int:
-        """Samples in the global batch of a step (deterministic: the last batch of an epoch may be short)."""
-        B, n = trainer.cfg.data.batch_size, len(trainer.train_ds)
-        return min(B, n - (global_step % trainer.steps_per_epoch) * B)
-
-    def loss_weight(self, n_local: int, global_step: int, trainer) -> float:
+    def loss_weight(self, n_local: int, n_global: int) -> float:
         """``n_rank * W / n_global`` for the global batch of this step (1 for equal shares)."""
-        return float(n_local * self.world_size) / float(self.global_batch_size(global_step, trainer))
+        return float(n_local * self.world_size) / float(n_global)
 
-    def after_update(self, trainer, guard) -> None:
-        """After the optimizer step: identical buffers and per-sample state on every rank, and an
-        agreed decision about a stop signal."""
+    def sync_step(self, model: nn.Module, rectifier, sizes) -> None:
+        """After the optimizer step: identical buffers and per-sample state on every rank (the
+        stop-signal agreement is :meth:`StopSignal.agree <rb_labelrefine.training.signals.StopSignal.agree>`
+        over :meth:`any_true`).  ``sizes``: every rank's rows of this step's batch, in rank order
+        (:meth:`BatchStream.rank_sizes <rb_labelrefine.training.stream.BatchStream.rank_sizes>`), or the
+        global batch's row count (then shared as :func:`slice_bounds` does)."""
         if self._buffers is None:
-            self._buffers = [b for name, b in trainer.model.named_buffers() if name not in ("mean", "std")]
+            self._buffers = [b for name, b in model.named_buffers() if name not in ("mean", "std")]
         if self._buffers:
             with torch.no_grad():
                 for group in _by_dtype(self._buffers):
                     flat = torch._utils._flatten_dense_tensors(group)
                     dist.broadcast(flat, src=0)
                     torch._foreach_copy_(group, list(torch._utils._unflatten_dense_tensors(flat, group)))
-        n_global = self.global_batch_size(trainer.global_step, trainer)
-        sizes = [b - a for a, b in (ShardedBatchSampler.slice_bounds(n_global, r, self.world_size)
-                                    for r in range(self.world_size))]
-        trainer.rectifier.synchronize(functools.partial(self.all_gather_rows, sizes=sizes))
-        # stop signals: every step with gloo (cheap), at the non-finite check interval with nccl
-        if self.backend == "nccl" and (trainer.global_step + 1) % guard.check_every != 0:
-            return
-        if self.any_true(self.pending_signal is not None):
-            trainer._stop_signal = self.pending_signal or signal.SIGTERM
-            self.pending_signal = None
-            if not guard.per_step:  # a checkpoint follows: never checkpoint a state that went non-finite
-                bad = guard.check(trainer.global_step)
-                if bad is not None:
-                    from .errors import NonFiniteLossError
-                    epoch = bad.step // max(trainer.steps_per_epoch, 1)
-                    raise NonFiniteLossError(f"non-finite training loss ({bad.value}) at epoch {epoch + 1}, "
-                                             f"step {bad.step + 1}{bad.note}")
+        if isinstance(sizes, int):
+            sizes = [b - a for a, b in (slice_bounds(sizes, r, self.world_size) for r in range(self.world_size))]
+        rectifier.synchronize(functools.partial(self.all_gather_rows, sizes=sizes))
 
     def reduce_epoch_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> int:
         """All-reduce the epoch's running sums in place; returns the global sample count."""
@@ -324,14 +241,14 @@ def _by_dtype(tensors):
     return list(groups.values())
 
 
-def init_distributed(trainer) -> DistributedContext:
-    """Join torchrun's process group when WORLD_SIZE > 1 (idempotent), and adapt ``trainer``."""
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join torchrun's process group when WORLD_SIZE > 1 (idempotent); ``nccl`` for a CUDA ``device``."""
     rank, world, local = env_world()
     if world <= 1:
         return DistributedContext()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
-    backend = "nccl" if trainer.device.type == "cuda" else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(local)
@@ -340,9 +257,7 @@ def init_distributed(trainer) -> DistributedContext:
     else:
         backend = dist.get_backend()
         rank, world = dist.get_rank(), dist.get_world_size()
-    ctx = DistributedContext(rank, world, local, backend)
-    ctx.setup_trainer(trainer)
-    return ctx
+    return DistributedContext(rank, world, local, backend)
 
 
 def _destroy():

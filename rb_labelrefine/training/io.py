@@ -44,34 +44,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class UnsafeCheckpointError(RuntimeError):
-    """The file is not loadable without executing code from it."""
-
-
-class StorageError(OSError):
-    """A file or directory could not be written: the message names the path, the reason and, for
-    a full disk, how many bytes the write needed."""
-
-    def __init__(self, path, exc: OSError, size: Optional[int] = None, action: str = "write"):
-        code = exc.errno if isinstance(exc, OSError) else None
-        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
-        msg = f"cannot {action} {path}: {reason}"
-        if code == errno.ENOSPC:
-            need = f"{size:,} bytes needed" if size is not None else "size of the write unknown"
-            msg += f" ({need}, {_free_bytes(Path(path).parent)} free)"
-        super().__init__(code, msg, str(path))
-        self.path, self.size = Path(path), size
-
-    def __str__(self):
-        return self.strerror
-
-
-def _free_bytes(directory: Path) -> str:
-    try:
-        st = os.statvfs(str(directory))
-        return f"{st.f_bavail * st.f_frsize:,} bytes"
-    except OSError:
-        return "unknown"
+# defined in the package's leaf errors.py, each with its exit code; re-exported here
+from ..errors import BadInputError, StorageError, UnsafeCheckpointError  # noqa: E402,F401
 
 
 def _fsync_dir(path: Path) -> None:
@@ -216,30 +190,46 @@ def _first_line(exc) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
-def safe_torch_load(path, map_location="cpu"):
-    """Load a torch file with ``weights_only=True``; refuse anything needing full unpickling."""
+MAX_CHECKPOINT_BYTES = 64 << 30
+
+
+def safe_torch_load(path, map_location="cpu", *, follow_links: Optional[bool] = None):
+    """Load a torch file with ``weights_only=True``; refuse anything needing full unpickling.
+
+    The file must be a regular file (a FIFO or device is refused before it can hang or flood the
+    reader) of at most :data:`MAX_CHECKPOINT_BYTES`, read through the descriptor that was checked;
+    a run directory's ``checkpoint.pt`` is never read through a symbolic link (``follow_links``
+    None: links are followed for any other name, e.g. a teacher checkpoint named in a config)."""
+    from ..safe_files import open_binary
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a torch checkpoint")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes), not a torch checkpoint")
+    if follow_links is None:
+        follow_links = path.name != "checkpoint.pt"
+    if not os.path.lexists(path):
+        raise FileNotFoundError(errno.ENOENT, f"checkpoint not found: {path}", str(path))
     try:
-        with warnings.catch_warnings():  # "Detected pickle protocol 4": the refusal below says what matters
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
-            return torch.load(str(path), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it needs full unpickling, which can execute arbitrary code "
-            f"(weights-only load said: {_weights_only_reason(exc, path)}). Only load checkpoints "
-            "saved as tensors/plain containers or safetensors; if you trust the file, convert it "
-            "yourself to a state_dict of tensors.") from None
+        f = open_binary(path, max_bytes=MAX_CHECKPOINT_BYTES, follow_links=follow_links)
     except PermissionError as exc:
         raise StorageError(path, exc, action="read") from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError,
-            MemoryError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise BadInputError(f"{path} is empty (0 bytes), not a torch checkpoint")
+        try:
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": the refusal below says what matters
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+                return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it needs full unpickling, which can execute arbitrary code "
+                f"(weights-only load said: {_weights_only_reason(exc, path)}). Only load checkpoints "
+                "saved as tensors/plain containers or safetensors; if you trust the file, convert it "
+                "yourself to a state_dict of tensors.") from None
+        except PermissionError as exc:
+            raise StorageError(path, exc, action="read") from None
+        except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError,
+                MemoryError, RecursionError, OverflowError, zipfile.BadZipFile) as exc:
+            raise BadInputError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: "
+                                f"{_first_line(exc)})") from None
 
 
 def ensure_writable_dir(path, what: str = "--out", create: bool = True) -> Optional[bool]:
@@ -253,26 +243,26 @@ def ensure_writable_dir(path, what: str = "--out", create: bool = True) -> Optio
         path.resolve(strict=False)
         exists, is_dir, is_link = path.exists(), path.is_dir(), path.is_symlink()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
-        raise ValueError(f"{what}: {path}: {getattr(exc, 'strerror', None) or _first_line(exc)}") from None
+        raise BadInputError(f"{what}: {path}: {getattr(exc, 'strerror', None) or _first_line(exc)}") from None
     if exists and not is_dir:
-        raise ValueError(f"{what}: {path} exists and is not a directory")
+        raise BadInputError(f"{what}: {path} exists and is not a directory")
     if is_link and not exists:
         try:
             os.stat(str(path))
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise ValueError(f"{what}: {path} is a symbolic link loop") from None
-        raise ValueError(f"{what}: {path} is a dangling symbolic link")
+                raise BadInputError(f"{what}: {path} is a symbolic link loop") from None
+        raise BadInputError(f"{what}: {path} is a dangling symbolic link")
     if not exists:
         if not create:
             return None
         try:
             path.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
-            raise ValueError(f"{what}: {path} (or one of its parents) exists and is not a directory") from None
+            raise BadInputError(f"{what}: {path} (or one of its parents) exists and is not a directory") from None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR):  # the path itself is wrong
-                raise ValueError(f"{what}: {path}: {exc.strerror}") from None
+                raise BadInputError(f"{what}: {path}: {exc.strerror}") from None
             raise StorageError(path, exc, action="create the directory") from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".rb_labelrefine.", suffix=".probe", dir=str(path))
