@@ -29,6 +29,8 @@ EXTRAS = {
     "torchattacks": "attacks",
     "PIL": "vision",
     "huggingface_hub": "hub",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
 }
 
 # extra -> its requirements, as in pyproject.toml (tests/test_fits_pipeline.py checks they agree)
@@ -40,6 +42,8 @@ EXTRA_REQUIREMENTS = {
     "data": ("scikit-learn>=1.3",),
     "attacks": ("torchattacks>=3.5",),
     "hub": ("huggingface_hub>=0.20",),
+    "tensorboard": ("tensorboard>=2.14",),
+    "wandb": ("wandb>=0.16",),
 }
 
 # the repair after torchattacks' wheel overwrote RobustBench's files (README, "torchattacks")

@@ -119,7 +119,7 @@ def _load_export_for_eval(p: Path):
     """An export (directory or .safetensors) as ``_load_for_eval`` returns a run: its test split and
     threat model come from the export's own description (``--eps``/``--norm``/``--data-root`` apply)."""
     from .config import Config
-    from .export.publish import load_export_for_eval
+    from .export.robustbench_export import load_export_for_eval
 
     model, info, tm, eps, which = load_export_for_eval(p)
     cfg = Config()                  # only data.name (the test split) and the threat model are read
@@ -171,7 +171,7 @@ def cmd_eval(args) -> int:
                  "above may overstate the robustness")
             code = EXIT_CHECK_FAILED
     if args.json:
-        from .training.io import atomic_write_json
+        from .fileio import atomic_write_json
 
         atomic_write_json(args.json, out)
     return code
@@ -182,7 +182,7 @@ def _check_output_file(path: str, what: str) -> None:
     import os
     import tempfile
 
-    from .training.io import StorageError
+    from .errors import StorageError
 
     p = Path(path)
     if p.is_dir():

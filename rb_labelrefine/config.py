@@ -91,6 +91,11 @@ class DataConfig:
 class ModelConfig:
     arch: str = "small_cnn"         # registry name, or timm:<name>
     kwargs: dict = field(default_factory=dict)
+    # start training from these weights instead of a random initialisation: a run directory (its
+    # best.safetensors; name DIR/final.safetensors for the last epoch's), a .safetensors written by
+    # this package (a run's or an export's), or timm:pretrained (timm's pretrained weights of a
+    # timm:<name> arch; downloads them).  The architecture must match (checked per tensor).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -219,6 +224,20 @@ class TrainConfig:
     # BatchNorm momentum of the first training step (then each layer's own): 1.0 = running
     # statistics start from the first batch's (Haiku's initialisation; the DM-Improves-AT code)
     bn_first_step_momentum: Optional[float] = None
+    # gradient accumulation: each optimizer step of data.batch_size samples runs as accum_steps
+    # micro-batches of batch_size / accum_steps (attack, loss and backward per micro-batch, the loss
+    # scaled so the gradient is the full batch's mean gradient).  BatchNorm sees micro-batches: its
+    # statistics are per micro-batch, so a BatchNorm model trains differently (README)
+    accum_steps: int = 1
+    # TensorBoard event files of history.json's per-epoch scalars in DIR/tensorboard (the
+    # 'tensorboard' extra); does not change the run (may differ on --resume)
+    tensorboard: bool = False
+    # Weights & Biases: {project: NAME} (also entity, name, group, tags, mode) logs history.json's
+    # per-epoch scalars and the config to W&B (the 'wandb' extra); does not change the run
+    wandb: Optional[dict] = None
+    # under torchrun: seconds a collective waits for every rank before the run stops naming the rank
+    # that stopped answering (torch.distributed's process-group timeout); may differ on --resume
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -276,6 +295,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 _INT_LIMIT = 2 ** 53          # integers beyond this are not exact as floats and no count or seed needs them
+WANDB_KEYS = {"project", "entity", "name", "group", "tags", "mode"}   # train.wandb: what wandb.init takes
 SEED_MAX = 2 ** 32 - 1       # numpy's legacy seeding takes [0, 2**32)
 BATCH_MAX = 1 << 20
 
@@ -536,9 +556,28 @@ def validate(cfg: Config) -> Config:
     _check(t.reference_steps_per_epoch is None or t.reference_steps_per_epoch >= 1,
            "train.reference_steps_per_epoch", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _check(isinstance(t.dist_timeout_s, (int, float)) and not isinstance(t.dist_timeout_s, bool)
+           and 1 <= t.dist_timeout_s <= 7 * 86400, "train.dist_timeout_s",
+           f"must be a number of seconds in [1, 604800], got {t.dist_timeout_s!r}")
     _check(t.amp in (None, "bf16", "fp16"), "train.amp", f"must be null, bf16 or fp16, got {t.amp!r}")
     _check(t.bn_first_step_momentum is None or 0 < t.bn_first_step_momentum <= 1, "train.bn_first_step_momentum",
            f"must be in (0, 1] or null, got {t.bn_first_step_momentum}")
+    if t.wandb is not None:
+        bad = sorted(set(t.wandb) - WANDB_KEYS)
+        _check(not bad, "train.wandb", f"unknown key(s) {bad}; allowed: {sorted(WANDB_KEYS)}")
+        _check(isinstance(t.wandb.get("project"), str) and bool(t.wandb["project"]), "train.wandb",
+               "needs a project name: {project: NAME}")
+    _check(isinstance(t.accum_steps, int) and 1 <= t.accum_steps <= d.batch_size, "train.accum_steps",
+           f"must be in [1, data.batch_size={d.batch_size}], got {t.accum_steps}")
+    if t.accum_steps > 1:
+        _check(d.batch_size % t.accum_steps == 0, "train.accum_steps",
+               f"data.batch_size={d.batch_size} is not a multiple of train.accum_steps={t.accum_steps}")
+        _check(not cfg.awp.enabled, "train.accum_steps",
+               "gradient accumulation with awp.enabled is not supported (AWP perturbs the weights on the whole "
+               "batch's loss): set train.accum_steps=1 or awp.enabled=false")
+        _check(d.aux_fraction == 0, "train.accum_steps",
+               "gradient accumulation with data.aux_fraction > 0 is not supported (the batch's real and "
+               "auxiliary rows would be split unevenly): set train.accum_steps=1 or data.aux_fraction=0")
 
     e = cfg.eval
     _check(e.model in EVAL_MODELS, "eval.model", f"must be one of {list(EVAL_MODELS)}")

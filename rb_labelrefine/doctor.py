@@ -192,8 +192,14 @@ def check_torch() -> Item:
 def check_autoattack() -> Item:
     from .compat.robustbench import classic_autoattack
 
+    from ._optional import DamagedDependencyError
+
     try:
         _, backend, version = classic_autoattack()
+    except DamagedDependencyError as exc:   # installed but broken (e.g. torchattacks 3.4's autoattack)
+        return Item("autoattack", FAIL, str(exc).split("; it is")[0][:300],
+                    "pip uninstall autoattack (pyautoattack is then used), or "
+                    "pip install git+https://github.com/fra31/auto-attack")
     except ImportError:
         return Item("autoattack", ABSENT, "neither the GitHub autoattack nor pyautoattack is installed "
                                           "(extra [robustbench])", install_hint("robustbench"))

@@ -18,7 +18,7 @@ def plot_curves(histories: dict, path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .training.io import atomic_path
+    from .fileio import atomic_path
 
     adr = any("adr_tau" in r for hist in histories.values() for r in hist)
     fig, axes = plt.subplots(1, 3 if adr else 2, figsize=(16 if adr else 11, 4))

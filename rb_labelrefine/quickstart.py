@@ -25,7 +25,7 @@ def _train_and_attack(method: str, preset: str, run_dir: str, overrides, progres
 
     from .config import load_config
     from .evaluation.checkpoint import evaluate_checkpoint
-    from .training.io import atomic_write_json
+    from .fileio import atomic_write_json
     from .training.trainer import Trainer
 
     if threads:
@@ -81,7 +81,7 @@ def run_quickstart(out_dir, *, progress: bool = True, autoattack_n: Optional[int
     import os
 
     from .plots import plot_curves
-    from .training.io import atomic_write_json
+    from .fileio import atomic_write_json
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)

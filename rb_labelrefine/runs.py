@@ -8,6 +8,9 @@
 ``DIR/history.json``         one record per epoch (clean / robust accuracy, loss, lr, time)
 ``DIR/summary.json``         best and final metrics, paths
 ``DIR/curves.png``           clean and robust accuracy per epoch
+``DIR/history.csv``          history.json's rows as a table
+``DIR/train.log``            what the console showed (epoch lines, notes, the summary; appended on resume)
+``DIR/tensorboard/``         TensorBoard event files (``train.tensorboard: true``)
 
 The weight files hold the state dict of the :class:`~rb_labelrefine.models.NormalizedModel`
 (inputs in [0, 1]), with ``arch``, ``num_classes``, ``dataset`` and ``epoch`` in the
@@ -39,7 +42,7 @@ __all__ = ["RUN_FILES", "load_run_config", "load_run_model", "build_model_for", 
            "write_weights", "info_from_metadata", "info_to_metadata", "check_name", "load_state_checked",
            "NAME_RE", "NAME_MAX", "RESUMABLE_DIFFERENCES", "flatten_config",
            "config_fingerprint", "fingerprint_metadata", "check_fingerprint", "check_run_weights",
-           "added_later_note"]
+           "added_later_note", "ADDED_LATER_AS", "as_before"]
 
 # Model and data-set names become file names, path components, model-zoo keys and Python string
 # literals in generated code, so one strict pattern covers them all, wherever they come from
@@ -59,12 +62,32 @@ RUN_FILES = {
     "history": "history.json",
     "summary": "summary.json",
     "curves": "curves.png",
+    "history_csv": "history.csv",               # history.json's rows as a table
+    "log": "train.log",                         # what the console showed (appended on --resume)
+    "tensorboard": "tensorboard",               # a directory: TensorBoard event files (train.tensorboard)
 }
 
 
 # Fields that may differ between a run and its resume (they do not change the results).
 RESUMABLE_DIFFERENCES = {"train.device", "train.threads", "train.log_every", "data.num_workers", "name",
-                         "description"}
+                         "description", "train.tensorboard", "train.dist_timeout_s",
+                         "train.wandb"}
+
+
+# Fields added after runs were written whose old behaviour is not their default in every run: the
+# value that reproduces a run written before the field existed, from that run's (flattened) fields.
+ADDED_LATER_AS = {
+    # before eval.select_on existed, a run with data.val_fraction 0 selected its best checkpoint on
+    # the test curve (today that is refused unless eval.select_on: test says so)
+    "eval.select_on": lambda old: "test" if old.get("data.val_fraction") in (0, 0.0) else "val",
+}
+
+
+def as_before(key: str, new_value, old_value, old_fields: dict) -> bool:
+    """``new_value`` of a field added later (``ADDED_LATER_AS``) reproduces the run whose fields are
+    ``old_fields``, which holds ``old_value`` only as the field's default (it predates the field)."""
+    rule = ADDED_LATER_AS.get(key)
+    return rule is not None and new_value != old_value and new_value == rule(old_fields)
 
 
 def flatten_config(d: dict, prefix: str = "") -> dict:
@@ -72,7 +95,7 @@ def flatten_config(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and k != "kwargs":
+        if isinstance(v, dict) and k not in ("kwargs", "wandb"):   # (train.wandb: one field)
             out.update(flatten_config(v, key))
         else:
             out[key] = v
@@ -153,7 +176,8 @@ def check_fingerprint(cfg, stored: dict, what: str, *, require: bool = True) -> 
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k, missing) != theirs.get(k, missing)) if theirs else []
     if genuine and diff:  # (a run_config edited after its fingerprint was computed proves nothing)
         defaults = _as_json(_default_fields(cfg))
-        added = [k for k in diff if k not in theirs and k in defaults and mine[k] == defaults[k]]
+        added = [k for k in diff if k not in theirs and k in defaults
+                 and (mine[k] == defaults[k] or as_before(k, mine[k], defaults[k], theirs))]
         if len(added) == len(diff):
             return added
         diff = [k for k in diff if k not in added]
@@ -167,7 +191,8 @@ def check_fingerprint(cfg, stored: dict, what: str, *, require: bool = True) -> 
 def added_later_note(what: str, added: list) -> str:
     """The one-line note of :func:`check_fingerprint` accepting fields added after ``what`` was written."""
     return (f"note: {what} was written before {', '.join(added)} existed; accepted: "
-            f"{'its value is' if len(added) == 1 else 'their values are'} the default")
+            f"{'its value is' if len(added) == 1 else 'their values are'} the default"
+            f"{' or what the run did before' if any(k in ADDED_LATER_AS for k in added) else ''}")
 
 
 def check_run_weights(run_dir, cfg, meta: dict, which: str, log=None) -> list:
@@ -212,7 +237,7 @@ def write_weights(model: torch.nn.Module, path, metadata: Optional[dict] = None)
     """Write a state dict as safetensors, atomically (temporary file, fsync, rename)."""
     from safetensors.torch import save
 
-    from .training.io import atomic_write_bytes
+    from .fileio import atomic_write_bytes
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}

@@ -490,7 +490,8 @@ def test_committed_reports_re_render_byte_for_byte_from_their_json():
     tuned = importlib.import_module("robust_overfitting_tuned")
     assert Path(ro.__file__).parent.name == "robust_overfitting"   # the package, not the script
     res = ROOT / "benchmarks" / "results"
-    for mod, name in ((ro, "robust_overfitting_fmnist_long"), (tuned, "robust_overfitting_tuned_fmnist_long")):
+    for mod, name in ((ro, "robust_overfitting_fmnist"), (ro, "robust_overfitting_fmnist_long"),
+                      (tuned, "robust_overfitting_tuned_fmnist_long")):
         md = mod.render_markdown(json.loads((res / f"{name}.json").read_text()))
         assert md.encode() == (res / f"{name}.md").read_bytes(), name
     assert not re.search(r"\bro\._", (ROOT / "benchmarks" / "robust_overfitting_tuned.py").read_text())

@@ -79,9 +79,8 @@ def package_run(preset, epochs, tmp_path, extra=()):
     batches = []
     torch.manual_seed(SEED)
     for epoch in range(epochs):
-        tr.sampler.set_epoch(epoch)
         tr.model.train()
-        for b, (xb, yb, idx) in enumerate(tr.train_loader):
+        for b, (xb, yb, idx) in enumerate(tr.stream.epoch(epoch)):   # the stream's batches, as the loop takes them
             for g in tr.optimizer.param_groups:
                 g["lr"] = lr_at(cfg, epoch, b, tr.steps_per_epoch)
             batches.append((epoch, idx.clone()))

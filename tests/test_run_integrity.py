@@ -188,6 +188,34 @@ CASES = {
         lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["optimizer"]["state"][0].update(
             momentum_buffer=torch.zeros(3))), _train_argv(t / "run", resume=True))[-1], 2,
         ["optimizer state 'momentum_buffer' of parameter 0", "(3,)"]),
+    # values on --resume (issue 24): each names the entry, nothing is rewritten
+    "checkpoint with NaN in the model": (
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["model"]["model.1.weight"].view(-1)
+                                       .__setitem__(0, float("nan"))), _train_argv(t / "run", resume=True))[-1], 2,
+        ["'model.model.1.weight' holds 1 NaN value(s)"]),
+    "checkpoint with inf in the momentum": (
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["optimizer"]["state"][0][
+            "momentum_buffer"].view(-1).__setitem__(3, float("inf"))), _train_argv(t / "run", resume=True))[-1], 2,
+        ["'optimizer.state.0.momentum_buffer' holds 1 infinite value(s)"]),
+    "checkpoint with int8 model tensors": (
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["model"].update(
+            {"model.1.weight": s["model"]["model.1.weight"].to(torch.int8)})), _train_argv(t / "run", resume=True))[-1],
+        2, ["'model'.model.1.weight is a int8 tensor, this run needs float32"]),
+    "checkpoint with an int8 momentum": (
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["optimizer"]["state"][0].update(
+            momentum_buffer=s["optimizer"]["state"][0]["momentum_buffer"].to(torch.int8))),
+                      _train_argv(t / "run", resume=True))[-1], 2,
+        ["'optimizer.state.0.momentum_buffer' is a int8 tensor, not floating point"]),
+    "checkpoint best.score NaN": (
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["best"].update(score=float("nan"))),
+                      _train_argv(t / "run", resume=True))[-1], 2, ["'best.score' is nan, not a finite number"]),
+    "checkpoint best.score inf": (
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["best"].update(score=float("inf"))),
+                      _train_argv(t / "run", resume=True))[-1], 2, ["'best.score' is inf, not a finite number"]),
+    "checkpoint epoch_acc NaN": (
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s.update(
+            epoch_acc={"loss": float("nan"), "correct": 0.0, "seen": 32.0, "time": 0.0})),
+                      _train_argv(t / "run", resume=True))[-1], 2, ["'epoch_acc.loss' is nan, not a finite number"]),
     "ADR checkpoint in a PGD-AT run": (
         lambda r, t: (shutil.copy(r["adr"] / RUN_FILES["checkpoint"], _copy_run(r, t, unfinished=True)),
                       _train_argv(t / "run", resume=True))[-1], 2,

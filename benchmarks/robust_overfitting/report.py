@@ -104,15 +104,17 @@ def render_paired(rows: list[dict], s: dict) -> list[str]:
 def render_markdown(result: dict) -> str:
     """The report: the setup, the table, PGD-AT's overfitting, the verdicts, the paired table, the notes."""
     s, methods = result["setup"], result["methods"]
-    lines = _setup_lines(s, methods) + _table_lines(methods) + _pgd_at_lines(s, methods)
+    lines = _setup_lines(s, methods, paired=bool(result.get("paired"))) + _table_lines(methods) \
+        + _pgd_at_lines(s, methods)
     lines += _verdict_lines(result)
     lines += render_paired(result.get("paired", []), s)
     lines += ["Notes:", ""] + [f"- {n}" for n in _notes(result)] + [""]
     return "\n".join(lines)
 
 
-def _setup_lines(s: dict, methods: dict) -> list[str]:
-    """The title and the paragraph on the setup."""
+def _setup_lines(s: dict, methods: dict, paired: bool = True) -> list[str]:
+    """The title and the paragraph on the setup (``paired``: whether the report has a paired table,
+    which a results file written before it existed has not)."""
     lines = [f"# Robust overfitting on Fashion-MNIST ({s['preset']})", ""]
     lines.append(f"Small CNN (`{s['arch']}`), {s['train_subset']} training images, {s['val_size']} validation images, "
                  f"ℓ∞ ε = {s['eps']:.3g}, PGD-{s['train_attack_steps']} (step {s['alpha']:.4g}) in training, "
@@ -130,7 +132,8 @@ def _setup_lines(s: dict, methods: dict) -> list[str]:
                  f"(standard error ≈ ±{100 * math.sqrt(0.25 / s['autoattack_n']):.1f} points at 50 %). "
                  f"Methods marked (k seeds) show mean ± std over seeds {s['seeds']}"
                  + "".join(f", {LABELS[m]} over {v}" for m, v in (s.get("seeds_of") or {}).items() if m in methods)
-                 + f" (those finished: the paired table lists them); the others are seed {s['seeds'][0]} only. Diff = final − best (negative: robust overfitting). All numbers in %.")
+                 + (" (those finished: the paired table lists them)" if paired else "")
+                 + f"; the others are seed {s['seeds'][0]} only. Diff = final − best (negative: robust overfitting). All numbers in %.")
     lines.append("")
     return lines
 

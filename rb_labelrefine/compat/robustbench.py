@@ -162,11 +162,32 @@ def classic_autoattack():
     evaluations and ``robustbench.eval.benchmark`` always run the same implementation.
     """
     if _real_autoattack_available():
-        mod = sys.modules.get("autoattack") or importlib.import_module("autoattack")
-        return mod.AutoAttack, "autoattack", _version(mod, "autoattack")
+        try:
+            mod = sys.modules.get("autoattack") or importlib.import_module("autoattack")
+            cls = mod.AutoAttack
+        except Exception as exc:   # noqa: BLE001 -- any failure of a broken install is the package's, named
+            raise DamagedDependencyError(_broken_autoattack_message(exc)) from exc
+        return cls, "autoattack", _version(mod, "autoattack")
     pyautoattack = require("pyautoattack", "robustbench", "AutoAttack evaluation")
 
     return ClassicAutoAttack, "pyautoattack", _version(pyautoattack, "pyautoattack")
+
+
+def _broken_autoattack_message(exc: BaseException) -> str:
+    """The error of an installed GitHub ``autoattack`` that does not import (e.g. the old copy
+    torchattacks 3.4's wheel installs, which imports ``zero_gradients`` from torch's gradcheck,
+    gone since torch 2.x)."""
+    try:
+        import importlib.machinery
+
+        where = getattr(importlib.machinery.PathFinder.find_spec("autoattack"), "origin", None)
+    except Exception:   # noqa: BLE001 -- only for the message
+        where = None
+    detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+    return (f"the installed package 'autoattack'{f' ({where})' if where else ''} does not import ({detail}); "
+            "it is probably the old copy torchattacks 3.4 installs. Run `rb-labelrefine doctor`; remove it with "
+            "`pip uninstall autoattack` (pyautoattack is then used) or reinstall the GitHub one: "
+            "pip install git+https://github.com/fra31/auto-attack")
 
 
 def _version(module, dist: str) -> str:

@@ -58,6 +58,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .errors import CorruptDatasetError, DatasetNotFoundError
 
 __all__ = ["AuxData", "AuxStream", "open_aux", "aux_count", "convert_npz", "npz_member_memmap"]
@@ -72,7 +73,7 @@ _STREAM_TAG = 0xA0C5  # separates the auxiliary stream's seeds from every other 
 def aux_count(n_real: int, fraction: float) -> int:
     """Auxiliary images stacked under ``n_real`` real ones so they are ``fraction`` of the batch."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"aux_fraction must be in [0, 1), got {fraction}")
+        raise ConfigError("data.aux_fraction", f"must be in [0, 1), got {fraction}")
     return int(round(n_real * fraction / (1.0 - fraction)))
 
 
@@ -416,13 +417,35 @@ class AuxStream:
         return x, y, torch.from_numpy(idx.astype(np.int64))
 
     def state_dict(self) -> dict:
+        """The position (the checkpoint's "aux" entry); first the archive's full check, so that a
+        checkpoint is never written over a file that changed under the run."""
+        self.data.check()
         return {"pass": self.pass_, "offset": self.offset, "n": self.n, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["n"]) != self.n:
-            raise ValueError(f"the checkpoint's auxiliary stream ran over {state['n']} images, "
+        """Restore the position; a position outside the archive (``offset`` not in ``[0, n)``, a
+        negative ``pass``) or not an integer is a ValueError naming the entry (the trainer's restore
+        makes it a ResumeError naming the checkpoint, and also bounds ``pass`` by the steps done)."""
+        n, pass_, offset = (_position(state, k) for k in ("n", "pass", "offset"))
+        if n != self.n:
+            raise ValueError(f"the checkpoint's auxiliary stream ran over {n} images, "
                              f"{self.data.path} holds {self.n} (a different file?)")
-        self.pass_, self.offset = int(state["pass"]), int(state["offset"])
+        if not 0 <= offset < self.n:
+            raise ValueError(f"'aux.offset' is {offset}, outside [0, {self.n}) (the images of {self.data.path})")
+        if pass_ < 0:
+            raise ValueError(f"'aux.pass' is {pass_}, not a pass number (>= 0)")
+        self.pass_, self.offset = pass_, offset
+
+
+def _position(state: dict, key: str) -> int:
+    v = state[key]
+    if hasattr(v, "numel") and v.numel() == 1 and not v.is_floating_point():   # a 0-d integer tensor
+        v = int(v)
+    if isinstance(v, np.integer):
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"'aux.{key}' is {v!r}, not an integer")
+    return v
 
 
 def open_aux(path, seed: int, *, num_classes: int, image_shape: tuple, transform=None) -> AuxStream:

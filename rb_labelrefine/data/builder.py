@@ -11,6 +11,7 @@ from .datasets import IndexedDataset, RandomCropFlip
 from .fashion_mnist import FASHION_MNIST_ROOT, load_fashion_mnist
 from .splits import stratified_order
 from .tiny_imagenet import load_tiny_imagenet
+from ..errors import ConfigError
 from .imagenet import DEFAULT_IMAGE_SIZE, ImageNetTrain, load_imagenet
 
 __all__ = ["build_datasets", "load_source", "DATASET_NAMES"]
@@ -33,7 +34,7 @@ def load_source(name: str, root: Optional[str] = None, **kwargs):
         return load_tiny_imagenet(root or "./data", **kwargs)
     if name == "imagenet":   # an ImageFolder tree, decoded lazily (rb_labelrefine/data/imagenet.py)
         return load_imagenet(root or "./data", **kwargs)
-    raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASET_NAMES)}")
+    raise ConfigError("data.name", f"unknown data set {name!r}; choose one of {list(DATASET_NAMES)}")
 
 
 def build_datasets(name: str, root: Optional[str] = None, val_fraction: float = 0.1,
@@ -61,9 +62,9 @@ def build_datasets(name: str, root: Optional[str] = None, val_fraction: float = 
     ``0..len(ds)-1``; images are [C, H, W] floats in [0, 1].
     """
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASET_NAMES)}")
+        raise ConfigError("data.name", f"unknown data set {name!r}; choose one of {list(DATASET_NAMES)}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError("data.val_fraction", f"must be in [0, 1), got {val_fraction}")
     if name == "imagenet":   # data.image_size: the crop size (RandomResizedCrop / Res256Crop224 scaled)
         source_kwargs["image_size"] = image_size or DEFAULT_IMAGE_SIZE
         if augment is True:
@@ -71,7 +72,8 @@ def build_datasets(name: str, root: Optional[str] = None, val_fraction: float = 
     elif name == "synthetic" and image_size is not None:   # generated: any size
         source_kwargs["image_size"] = image_size
     elif image_size is not None:
-        raise ValueError(f"image_size applies to imagenet and synthetic only (the {name} images have their own size)")
+        raise ConfigError("data.image_size", f"applies to imagenet and synthetic only (the {name} images have their "
+                          "own size)")
     train, test, info = load_source(name, root, **source_kwargs)
 
     order = stratified_order(train.targets, seed)
@@ -79,7 +81,7 @@ def build_datasets(name: str, root: Optional[str] = None, val_fraction: float = 
     val_idx, train_idx = order[:n_val], order[n_val:]
     if train_subset is not None:
         if not 1 <= train_subset <= len(train_idx):
-            raise ValueError(f"train_subset={train_subset}, but only {len(train_idx)} training images "
+            raise ConfigError("data.train_subset", f"{train_subset}, but only {len(train_idx)} training images "
                              f"remain after holding out {n_val} for validation")
         train_idx = train_idx[:train_subset]
 
@@ -89,7 +91,7 @@ def build_datasets(name: str, root: Optional[str] = None, val_fraction: float = 
 
     if test_subset is not None:
         if not 1 <= test_subset <= len(test):
-            raise ValueError(f"test_subset={test_subset}, but the test set has {len(test)} images")
+            raise ConfigError("data.test_subset", f"{test_subset}, but the test set has {len(test)} images")
         test_idx = stratified_order(test.targets, _TEST_SUBSET_SEED)[:test_subset].sort().values
         test = Subset(test, test_idx.tolist())
     return train_ds, val_ds, IndexedDataset(test), info

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..compat.robustbench import classic_autoattack
 from .pgd import eval_mode
+from ..errors import BadInputError
 
 __all__ = ["ATTACKS", "VERSIONS", "AA_NORMS", "STANDARD_ATTACKS", "run_autoattack", "machine_info",
            "describe_autoattack", "square_attack_class", "rng_guard"]
@@ -89,19 +90,19 @@ def machine_info(device="cpu") -> dict:
 
 def _validate(norm, eps, version, attacks, x, y, n_ex, batch_size):
     if norm not in AA_NORMS:
-        raise ValueError(f"unknown norm {norm!r}; AutoAttack supports {list(AA_NORMS)}")
+        raise BadInputError(f"unknown norm {norm!r}; AutoAttack supports {list(AA_NORMS)}")
     if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+        raise BadInputError(f"eps must be > 0, got {eps}")
     if version not in VERSIONS:
-        raise ValueError(f"unknown AutoAttack version {version!r}; choose one of {list(VERSIONS)}")
+        raise BadInputError(f"unknown AutoAttack version {version!r}; choose one of {list(VERSIONS)}")
     if version == "custom":
         if not attacks:
-            raise ValueError(f"version='custom' needs attacks=[...], a subset of {list(ATTACKS)}")
+            raise BadInputError(f"version='custom' needs attacks=[...], a subset of {list(ATTACKS)}")
         unknown = [a for a in attacks if a not in ATTACKS]
         if unknown:
-            raise ValueError(f"unknown attacks {unknown}; choose from {list(ATTACKS)}")
+            raise BadInputError(f"unknown attacks {unknown}; choose from {list(ATTACKS)}")
     elif attacks:
-        raise ValueError(f"attacks={list(attacks)} is only used with version='custom' "
+        raise BadInputError(f"attacks={list(attacks)} is only used with version='custom' "
                          f"(version={version!r} runs its own fixed list)")
     if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError("x must be a float tensor [N, C, H, W] of images in [0, 1]")
@@ -114,9 +115,9 @@ def _validate(norm, eps, version, attacks, x, y, n_ex, batch_size):
         raise ValueError(f"inputs must be in [0, 1] (normalisation belongs inside the model); "
                          f"got values in [{lo:.3g}, {hi:.3g}]")
     if n_ex is not None and n_ex < 1:
-        raise ValueError(f"n_ex must be >= 1, got {n_ex}")
+        raise BadInputError(f"n_ex must be >= 1, got {n_ex}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def _apply_attack_params(adversary, attack_params: dict) -> None:
@@ -124,11 +125,11 @@ def _apply_attack_params(adversary, attack_params: dict) -> None:
     for key, value in attack_params.items():
         comp, _, attr = key.partition(".")
         if comp not in _COMPONENTS or not attr:
-            raise ValueError(f"attack_params key {key!r} must look like '<component>.<attribute>' "
+            raise BadInputError(f"attack_params key {key!r} must look like '<component>.<attribute>' "
                              f"with component one of {list(_COMPONENTS)}")
         target = getattr(adversary, comp)
         if not hasattr(target, attr):
-            raise ValueError(f"{comp} has no setting {attr!r}")
+            raise BadInputError(f"{comp} has no setting {attr!r}")
         setattr(target, attr, value)
 
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from ..errors import BadInputError
 
 __all__ = ["evaluate_checkpoint", "stack_test_points", "run_test_split", "AUTOATTACK_SUITES"]
 
@@ -41,9 +42,9 @@ def stack_test_points(data, n: Optional[int] = None, offset: int = 0) -> tuple[t
         raise ValueError(f"test points: {len(data[0])} images but {len(data[1])} labels")
     size = len(data[0]) if pair else len(data)
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < max(size, 1):
-        raise ValueError(f"offset must be an integer in [0, {size}) (the test points), got {offset!r}")
+        raise BadInputError(f"offset must be an integer in [0, {size}) (the test points), got {offset!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be a positive integer (the number of test points), got {n!r}")
+        raise BadInputError(f"n must be a positive integer (the number of test points), got {n!r}")
     end = size if n is None else min(size, offset + n)
     if pair:
         return data[0][offset:end], data[1][offset:end].long()
@@ -53,7 +54,7 @@ def stack_test_points(data, n: Optional[int] = None, offset: int = 0) -> tuple[t
         xs.append(item[0])
         ys.append(int(item[1]))
     if not xs:
-        raise ValueError("no test points to evaluate (the test split is empty)")
+        raise BadInputError("no test points to evaluate (the test split is empty)")
     return torch.stack(xs), torch.tensor(ys)
 
 
@@ -103,7 +104,7 @@ def evaluate_checkpoint(run_dir=None, which: str = "best", *, model: Optional[nn
     elif suite in AUTOATTACK_SUITES:
         version, attacks, preset_params = AUTOATTACK_SUITES[suite]
     else:
-        raise ValueError(f"suite must be one of {', '.join(AUTOATTACK_SUITES)} (or attacks=[...]), got {suite!r}")
+        raise BadInputError(f"suite must be one of {', '.join(AUTOATTACK_SUITES)} (or attacks=[...]), got {suite!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if model is None:

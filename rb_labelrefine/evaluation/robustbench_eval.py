@@ -31,6 +31,7 @@ from ..compat.robustbench import classic_autoattack, import_robustbench
 from ..data.errors import CorruptDatasetError, DatasetNotFoundError
 from .autoattack import AutoAttackLogCapture, machine_info, rng_guard
 from .pgd import eval_mode
+from ..errors import BadInputError
 
 __all__ = ["DATASETS", "THREAT_MODELS", "DEFAULT_EPS", "resolve_benchmark", "default_eps", "load_rb_data",
            "benchmark", "check_rb_data"]
@@ -57,17 +58,17 @@ def resolve_benchmark(dataset, threat_model):
     try:
         ds = BenchmarkDataset(dataset.value if isinstance(dataset, BenchmarkDataset) else dataset)
     except ValueError:
-        raise ValueError(f"unknown RobustBench dataset {dataset!r}; choose one of "
+        raise BadInputError(f"unknown RobustBench dataset {dataset!r}; choose one of "
                          f"{[d.value for d in BenchmarkDataset]}") from None
     try:
         tm = ThreatModel(threat_model.value if isinstance(threat_model, ThreatModel) else threat_model)
     except ValueError:
-        raise ValueError(f"unknown RobustBench threat model {threat_model!r}; choose one of "
+        raise BadInputError(f"unknown RobustBench threat model {threat_model!r}; choose one of "
                          f"{[t.value for t in ThreatModel]}") from None
     if tm is ThreatModel.corruptions_3d and ds is not BenchmarkDataset.imagenet:
-        raise ValueError(f"threat model 'corruptions_3d' exists only for imagenet, not {ds.value!r}")
+        raise BadInputError(f"threat model 'corruptions_3d' exists only for imagenet, not {ds.value!r}")
     if tm is ThreatModel.L2 and ds is BenchmarkDataset.imagenet:
-        raise ValueError("RobustBench has no L2 benchmark for imagenet; use Linf or corruptions")
+        raise BadInputError("RobustBench has no L2 benchmark for imagenet; use Linf or corruptions")
     return ds, tm
 
 
@@ -149,7 +150,7 @@ def load_rb_data(dataset: str = "cifar10", n_examples: Optional[int] = None, dat
     """
     ds, tm = resolve_benchmark(dataset, threat_model)
     if n_examples is not None and n_examples < 1:
-        raise ValueError(f"n_examples must be >= 1, got {n_examples}")
+        raise BadInputError(f"n_examples must be >= 1, got {n_examples}")
     if not download or ds.value == "imagenet" or tm.value.startswith("corruptions"):
         check_rb_data(ds.value, data_dir, tm.value, corruptions, severity)
     import robustbench.data as rbd
@@ -162,7 +163,7 @@ def load_rb_data(dataset: str = "cifar10", n_examples: Optional[int] = None, dat
         loader = rbd.load_cifar10 if ds.value == "cifar10" else rbd.load_cifar100
         return loader(n_examples, data_dir)
     if not 1 <= severity <= 5:
-        raise ValueError(f"severity must be in 1..5, got {severity}")
+        raise BadInputError(f"severity must be in 1..5, got {severity}")
     loader = rbd.CORRUPTION_DATASET_LOADERS[ds][tm]
     names = list(corruptions or rbd.CORRUPTIONS_DICT[ds][tm])
     n = 10000 if n_examples is None else n_examples
@@ -198,11 +199,11 @@ def benchmark(model: nn.Module, *, dataset: str = "cifar10", threat_model: str =
     if tm.value in ("Linf", "L2"):
         eps = DEFAULT_EPS.get((ds.value, tm.value)) if eps is None else eps
         if eps is None or not eps > 0:
-            raise ValueError(f"eps must be a positive radius for {tm.value}, got {eps}")
+            raise BadInputError(f"eps must be a positive radius for {tm.value}, got {eps}")
     elif eps is not None:
-        raise ValueError(f"eps is not used for the {tm.value} threat model; leave it None")
+        raise BadInputError(f"eps is not used for the {tm.value} threat model; leave it None")
     if n_examples < 1:
-        raise ValueError(f"n_examples must be >= 1, got {n_examples}")
+        raise BadInputError(f"n_examples must be >= 1, got {n_examples}")
     corr_dir = corruptions_data_dir or data_dir
     if not download or ds.value == "imagenet" or tm.value.startswith("corruptions"):
         check_rb_data(ds.value, corr_dir if tm.value.startswith("corruptions") else data_dir, tm.value)

@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Optional
+from ..errors import BadInputError
 
 __all__ = ["eps_text", "portable", "local_paths", "local_paths_in", "new_model_issue", "REGISTER_IMPORTS",
            "register_line", "ISSUE_FILE"]
@@ -34,7 +35,7 @@ def eps_text(eps: float, threat_model: str) -> str:
     number), otherwise the shortest decimal that reads back as the value (``"0.5"``, ``"0.031"``)."""
     eps = float(eps)
     if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+        raise BadInputError(f"eps must be a positive number, got {eps!r}")
     if threat_model == "Linf":
         k = round(eps * 255)
         if k >= 1 and abs(eps - k / 255) <= 1e-9:
@@ -149,49 +150,3 @@ value, fill what says "fill in", and attach or link the files of this export. --
 - [{box(in_zoo_terms)}] I use an architecture that is {arch_line}.
 - [{box(mit)}] I agree to release my model(s) {lic}
 """
-
-
-def load_export_for_eval(path):
-    """``(model, info, threat_model, eps, which)`` of an export directory or its ``<Name>.safetensors``
-    (a downloaded one included: the file describes itself), for ``rb-labelrefine eval``.
-
-    Nothing is unpickled: the model comes from :func:`~.robustbench_export.load_exported`, the
-    description from the safetensors header, each field validated.
-    """
-    import json
-    import math
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from ..errors import ExportError
-    from ..runs import info_from_metadata
-    from .robustbench_export import _READABLE_FORMATS, MANIFEST, _manifest_for, load_exported
-
-    path = Path(path)
-    st = path
-    if path.is_dir():
-        name = (_manifest_for(path).get("files") or {}).get("safetensors")
-        if not isinstance(name, str):
-            raise ExportError(f"{path / MANIFEST}: files.safetensors must name the export's .safetensors file")
-        st = path / name
-    model = load_exported(path)            # validates the manifest, the names and the weights
-    try:
-        with safe_open(str(st), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as exc:   # noqa: BLE001 - any unreadable header is bad input
-        raise ExportError(f"{st}: not a readable .safetensors file ({exc})") from None
-    if meta.get("format") not in _READABLE_FORMATS:
-        raise ExportError(f"{st} was not written by rb_labelrefine's exporter")
-    info = info_from_metadata(meta, str(st))
-    tm = meta.get("threat_model")
-    if tm not in ("Linf", "L2"):
-        raise ExportError(f"{st}: metadata threat_model must be Linf or L2, got {str(tm)[:40]!r}")
-    try:
-        eps = float(json.loads(meta.get("eps", "null")))
-    except (TypeError, ValueError):
-        eps = float("nan")
-    if not math.isfinite(eps) or eps <= 0:
-        raise ExportError(f"{st}: metadata eps must be a positive number, got {str(meta.get('eps'))[:40]!r}")
-    which = meta.get("which") if meta.get("which") in ("best", "final") else "best"
-    return model, info, tm, eps, which

@@ -67,8 +67,8 @@ from .publish import (ISSUE_FILE, REGISTER_IMPORTS, eps_text, local_paths, local
                       register_line)
 from .model_card import arch_title, card_context, render_model_card
 
-__all__ = ["export_run", "load_exported", "default_name", "read_pt_state_dict", "ExportError", "MANIFEST",
-           "NAME_RE", "PT_PREFIX"]
+__all__ = ["export_run", "load_exported", "load_export_for_eval", "default_name", "read_pt_state_dict", "ExportError",
+           "MANIFEST", "NAME_RE", "PT_PREFIX"]
 
 MANIFEST = "export.json"
 PT_PREFIX = "model."
@@ -155,8 +155,8 @@ def _resolve_target(dataset: Optional[str], run_dataset: str, threat_model: str)
 
     if threat_model not in ("Linf", "L2"):
         if threat_model in THREAT_MODELS:
-            raise ValueError(f"export supports the Linf and L2 threat models (an eps-ball); got {threat_model!r}")
-        raise ValueError(f"unknown RobustBench threat model {threat_model!r}; choose one of {list(THREAT_MODELS)}")
+            raise ExportError(f"export supports the Linf and L2 threat models (an eps-ball); got {threat_model!r}")
+        raise ExportError(f"unknown RobustBench threat model {threat_model!r}; choose one of {list(THREAT_MODELS)}")
     if dataset is not None:
         ds, tm = resolve_benchmark(dataset, threat_model)   # explicit: must be a RobustBench dataset
         return ds.value, tm.value, True
@@ -218,15 +218,15 @@ def _check_result_threat(results: dict, threat_model: str, eps: Optional[float])
     for which, r in results.items():
         norm = r.get("norm") or r.get("threat_model")
         if norm is not None and norm != threat_model:
-            raise ValueError(f"the {which} evaluation was measured for {norm}, but the export is for {threat_model}")
+            raise ExportError(f"the {which} evaluation was measured for {norm}, but the export is for {threat_model}")
         r_eps = r.get("eps")
         if r_eps is None:
             continue
         if eps is not None and abs(float(r_eps) - float(eps)) > 1e-9:
-            raise ValueError(f"the {which} evaluation was measured at eps={r_eps:.6g}, but the export is for "
+            raise ExportError(f"the {which} evaluation was measured at eps={r_eps:.6g}, but the export is for "
                              f"eps={eps:.6g}; pass eps={r_eps:.6g} or re-evaluate")
         if seen is not None and abs(float(r_eps) - seen) > 1e-9:
-            raise ValueError("the best and final evaluations use different eps values")
+            raise ExportError("the best and final evaluations use different eps values")
         seen = float(r_eps)
     return seen
 
@@ -274,12 +274,12 @@ def read_pt_state_dict(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError and friends: never fall back to full pickle
-        raise ValueError(f"refusing to load {path}: it is not a plain tensor state dict "
+        raise ExportError(f"refusing to load {path}: it is not a plain tensor state dict "
                          f"(torch.load(weights_only=True) said: {(str(exc).splitlines() or [''])[0]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise ExportError(f"{path} does not hold a state dict of tensors")
     return obj
 
 
@@ -1135,3 +1135,41 @@ def load_exported(path: Union[str, Path], device="cpu") -> nn.Module:
     except (TypeError, ValueError) as exc:
         raise ExportError(f"{path}: {arch!r} with model_kwargs {kwargs} cannot be built: {exc}") from None
     return load_state_checked(model, state, str(path), arch).to(device).eval()
+
+
+def load_export_for_eval(path):
+    """``(model, info, threat_model, eps, which)`` of an export directory or its ``<Name>.safetensors``
+    (a downloaded one included: the file describes itself), for ``rb-labelrefine eval``.
+
+    Nothing is unpickled: the model comes from :func:`load_exported`, the description from the
+    safetensors header, each field validated.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    st = path
+    if path.is_dir():
+        name = (_manifest_for(path).get("files") or {}).get("safetensors")
+        if not isinstance(name, str):
+            raise ExportError(f"{path / MANIFEST}: files.safetensors must name the export's .safetensors file")
+        st = path / name
+    model = load_exported(path)            # validates the manifest, the names and the weights
+    try:
+        with safe_open(str(st), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:   # noqa: BLE001 - any unreadable header is bad input
+        raise ExportError(f"{st}: not a readable .safetensors file ({exc})") from None
+    if meta.get("format") not in _READABLE_FORMATS:
+        raise ExportError(f"{st} was not written by rb_labelrefine's exporter")
+    info = info_from_metadata(meta, str(st))
+    tm = meta.get("threat_model")
+    if tm not in ("Linf", "L2"):
+        raise ExportError(f"{st}: metadata threat_model must be Linf or L2, got {str(tm)[:40]!r}")
+    try:
+        eps = float(json.loads(meta.get("eps", "null")))
+    except (TypeError, ValueError):
+        eps = float("nan")
+    if not math.isfinite(eps) or eps <= 0:
+        raise ExportError(f"{st}: metadata eps must be a positive number, got {str(meta.get('eps'))[:40]!r}")
+    which = meta.get("which") if meta.get("which") in ("best", "final") else "best"
+    return model, info, tm, eps, which

@@ -170,6 +170,9 @@ class ADR(Rectifier):
     def modules(self) -> list:
         return [self.teacher]  # the EMA teacher (the WA EMA itself when shared)
 
+    def effective_decays(self) -> dict:
+        return {"adr_teacher": self.teacher.decay}   # gamma (Sec. 4.2), rescaled to this run's steps per epoch
+
     def to(self, device):
         self.teacher.to(device)
         return self

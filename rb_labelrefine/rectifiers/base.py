@@ -151,6 +151,12 @@ class Rectifier:
         (however it stores it: an attribute, a list, a dict).  The default: none."""
         return []
 
+    def effective_decays(self) -> dict:
+        """The per-step decays of the weight averages this rectifier keeps (e.g. an EMA teacher), by
+        name, as the run used them (rescaled to its steps per epoch): the summary's
+        ``effective_decays`` reports them beside WA's.  The default: none."""
+        return {}
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch}

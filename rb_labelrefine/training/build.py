@@ -16,7 +16,7 @@ from ..averaging import EMA, SWA, build_awp, scale_decay
 from ..config import Config, ConfigError
 from ..objectives import build_objective
 from ..rectifiers.registry import BuildContext, build_rectifier
-from ..runs import RUN_FILES, build_model_for, load_error_detail, read_weights
+from ..runs import RUN_FILES, build_model_for, load_error_detail, load_state_checked, read_weights
 from .io import UnsafeCheckpointError, safe_torch_load
 from .schedule import first_decay_epoch
 
@@ -64,10 +64,49 @@ def build_data(cfg: Config, datasets=None) -> tuple:
     return tuple(datasets)
 
 
-def build_model(cfg: Config, info, device: torch.device, x0: torch.Tensor) -> nn.Module:
-    """The student on ``device``, checked once against a batch of the data (``x0``), with clear messages,
+TIMM_PRETRAINED = "timm:pretrained"
+
+
+def initial_model(cfg: Config, info, init: bool = True) -> nn.Module:
+    """The untrained student, or (``model.init_from``, when ``init``) the student with the weights
+    training starts from: a run directory's best weights, a .safetensors of this package (read by
+    :func:`~rb_labelrefine.runs.read_weights`: no code runs), or timm's pretrained weights."""
+    src, field = cfg.model.init_from, "model.init_from"
+    if not init or not src:
+        return build_model_for(cfg, info)
+    if src == TIMM_PRETRAINED:
+        if not cfg.model.arch.startswith("timm:"):
+            raise ConfigError(field, f"{TIMM_PRETRAINED} needs a timm model (model.arch: timm:<name>), "
+                              f"not {cfg.model.arch}")
+        from dataclasses import replace
+
+        return build_model_for(replace(cfg, model=replace(cfg.model, kwargs={**cfg.model.kwargs, "pretrained": True})),
+                               info)
+    p = Path(src)
+    p = p / RUN_FILES["best"] if p.is_dir() else p
+    if p.suffix != ".safetensors":
+        raise ConfigError(field, f"{src}: give a run directory, a .safetensors file written by rb_labelrefine (a "
+                          f"run's or an export's) or {TIMM_PRETRAINED}")
+    if not p.is_file():
+        raise ConfigError(field, f"weights not found: {p}")
+    try:
+        state, meta = read_weights(p)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(field, str(exc)) from None
+    arch = meta.get("arch")
+    if arch and arch != cfg.model.arch:
+        raise ConfigError(field, f"{p} holds a {arch} model; this run's model.arch is {cfg.model.arch}")
+    try:
+        return load_state_checked(build_model_for(cfg, info), state, str(p), cfg.model.arch)
+    except ValueError as exc:  # missing / unexpected keys, shapes, non-finite values: named per tensor
+        raise ConfigError(field, str(exc)) from None
+
+
+def build_model(cfg: Config, info, device: torch.device, x0: torch.Tensor, init: bool = True) -> nn.Module:
+    """The student on ``device`` (``init``: from ``model.init_from``'s weights; a resumed run's come
+    from its checkpoint), checked once against a batch of the data (``x0``), with clear messages,
     before hours of training."""
-    model = build_model_for(cfg, info).to(device)
+    model = initial_model(cfg, info, init).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():

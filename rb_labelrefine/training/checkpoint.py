@@ -22,7 +22,7 @@ from .errors import NonFiniteLossError, ResumeError
 from .io import safe_torch_load
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEYS", "check_header", "positions", "loop_state", "check_shapes",
-           "check_optimizer_shapes", "restore", "restore_parts",
+           "check_optimizer_shapes", "check_values", "check_aux_position", "restore", "restore_parts",
            "nonfinite_parts", "Checkpointer"]
 
 CHECKPOINT_FORMAT = 1
@@ -67,6 +67,15 @@ def loop_state(state: dict, epoch: int, where: str) -> Tuple[list, dict]:
             raise ValueError(f"{len(history) if isinstance(history, list) else 'no'} records for {epoch} epochs")
     except (TypeError, ValueError, KeyError) as exc:
         raise ResumeError(f"{where}: 'history'/'best' do not fit ({str(exc)[:200]})") from None
+    for k, v in epoch_acc.items():   # the partial epoch's sums go into history.json's record
+        if not math.isfinite(v):
+            raise ResumeError(f"{where}: 'epoch_acc.{k}' is {v}, not a finite number")
+    for key in ("best", "best_pgd_ce"):   # a NaN/inf score would never be beaten (best never updated)
+        rec = state.get(key)
+        if isinstance(rec, dict) and "score" in rec:
+            v = rec["score"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ResumeError(f"{where}: '{key}.score' is {v!r}, not a finite number")
     return history, epoch_acc
 
 
@@ -78,9 +87,16 @@ def restore(state: dict, loaders: list, where: str, *, shaped: dict, optimizer) 
     from ..averaging import upgrade_legacy_state
 
     state = {**state, **{k: upgrade_legacy_state(state[k]) for k in ("rectifier", "wa", "swa") if k in state}}
+    owners = {name: getattr(load, "__self__", None) for name, load in loaders}   # bound load_state_dict methods
+    model = owners.get("model")
+    if isinstance(model, torch.nn.Module):
+        check_shapes(model.state_dict(), state.get("model"), f"{where}: 'model'")
     for name, owner in shaped.items():
         if owner is not None:
             check_shapes(owner.state_dict(), state.get(name), f"{where}: '{name}'")
+    check_values(state, where)
+    if owners.get("aux") is not None and state.get("aux") is not None:
+        check_aux_position(state["aux"], owners["aux"], state.get("global_step"), where)
     restore_parts(state, loaders, where,
                   after=lambda name: name == "optimizer" and check_optimizer_shapes(optimizer, where))
 
@@ -115,6 +131,9 @@ def check_shapes(mine, theirs, where: str, path: str = "") -> None:
         if not torch.is_tensor(theirs) or theirs.shape != mine.shape:
             got = tuple(theirs.shape) if torch.is_tensor(theirs) else type(theirs).__name__
             raise ResumeError(f"{where}{path} has shape {got}, this run needs {tuple(mine.shape)}")
+        if _kind(theirs) != _kind(mine):   # load_state_dict's copy_ would cast it silently
+            raise ResumeError(f"{where}{path} is a {str(theirs.dtype).replace('torch.', '')} tensor, this run needs "
+                              f"{str(mine.dtype).replace('torch.', '')}")
     elif isinstance(mine, dict):
         if not isinstance(theirs, dict):
             raise ResumeError(f"{where}{path} is a {type(theirs).__name__}, not a state dict")
@@ -123,6 +142,81 @@ def check_shapes(mine, theirs, where: str, path: str = "") -> None:
                 if k not in theirs:
                     raise ResumeError(f"{where}{path} has no {k!r}")
                 check_shapes(v, theirs[k], where, f"{path}.{k}")
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "bool" if t.dtype == torch.bool else \
+        "float" if t.is_floating_point() else "integer"
+
+
+def check_values(state: dict, where: str) -> None:
+    """Every tensor and number of the trained parts (model, optimizer, rectifier, wa, swa, awp) is
+    finite, and the optimizer's per-parameter buffers are floating point: a :class:`ResumeError`
+    naming the first entry that is not (a NaN in the file would otherwise surface epochs later as
+    a "non-finite training loss", an int8 buffer be cast silently)."""
+    for part in _FINITE_PARTS + ("awp",):
+        bad = _first_nonfinite(state.get(part), part)
+        if bad is not None:
+            raise ResumeError(f"{where}: '{bad[0]}' holds {bad[1]} (the file is damaged or was edited; resume from "
+                              "an intact copy or start again)")
+    opt = state.get("optimizer")
+    per_param = opt.get("state") if isinstance(opt, dict) else None
+    for pid, entry in (per_param.items() if isinstance(per_param, dict) else ()):
+        for k, v in (entry.items() if isinstance(entry, dict) else ()):
+            if torch.is_tensor(v) and v.dim() > 0 and not v.is_floating_point():
+                raise ResumeError(f"{where}: 'optimizer.state.{pid}.{k}' is a {str(v.dtype).replace('torch.', '')} "
+                                  "tensor, not floating point")
+
+
+def _first_nonfinite(obj, path: str):
+    """``(path, what)`` of the first non-finite floating tensor or float in a nested state, or None."""
+    if torch.is_tensor(obj):
+        if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
+            n_nan = int(torch.isnan(obj).sum())
+            what = f"{n_nan} NaN" if n_nan else f"{int((~torch.isfinite(obj)).sum())} infinite"
+            return path, f"{what} value(s) of {obj.numel()}"
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = _first_nonfinite(v, f"{path}.{k}")
+            if bad is not None:
+                return bad
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad = _first_nonfinite(v, f"{path}.{i}")
+            if bad is not None:
+                return bad
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        return path, repr(obj)
+    return None
+
+
+def check_aux_position(aux_state, stream, global_step, where: str) -> None:
+    """The auxiliary stream's position (``pass``, ``offset``) inside the archive and no further than
+    ``global_step`` steps can have drawn (``stream.max_rows_per_step`` generated rows each)."""
+    if not isinstance(aux_state, dict):
+        raise ResumeError(f"{where}: 'aux' is a {type(aux_state).__name__}, not the auxiliary stream's position")
+    n = getattr(stream, "n", None)
+    vals = {}
+    for key in ("pass", "offset"):
+        v = aux_state.get(key)
+        if torch.is_tensor(v) and v.numel() == 1 and not v.is_floating_point():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ResumeError(f"{where}: 'aux.{key}' is {v!r}, not an integer")
+        vals[key] = v
+    if n is not None and not 0 <= vals["offset"] < n:
+        raise ResumeError(f"{where}: 'aux.offset' is {vals['offset']}, outside [0, {n}) (the archive's images)")
+    per_step = getattr(stream, "max_rows_per_step", None)
+    if n is not None and per_step is not None and isinstance(global_step, int):
+        most = global_step * per_step   # rows drawn at most so far
+        if not 0 <= vals["pass"] <= most // n:
+            raise ResumeError(f"{where}: 'aux.pass' is {vals['pass']}, outside [0, {most // n}] ({global_step} steps "
+                              f"of at most {per_step} generated rows over {n} images)")
+        if vals["pass"] * n + vals["offset"] > most:
+            raise ResumeError(f"{where}: 'aux' position (pass {vals['pass']}, offset {vals['offset']}) is beyond the "
+                              f"{most} rows {global_step} steps can have drawn")
+    elif vals["pass"] < 0:
+        raise ResumeError(f"{where}: 'aux.pass' is {vals['pass']}, not a pass number (>= 0)")
 
 
 def check_optimizer_shapes(optimizer, where: str) -> None:

@@ -48,8 +48,11 @@ summation order; with random starts it is a statistically equivalent run, not th
 from __future__ import annotations
 
 import atexit
+import contextlib
+import datetime
 import functools
 import os
+import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -59,8 +62,37 @@ import torch.nn as nn
 
 from .stream import ShardedBatchSampler, slice_bounds  # noqa: F401 (re-exported: the data split lives in stream.py)
 
+from ..errors import EXIT_FAILED, PackageError
+
 __all__ = ["DistributedContext", "ShardedBatchSampler", "init_distributed", "is_main_process", "rank_zero_only",
-           "env_world"]
+           "env_world", "launch_command", "DistributedTimeoutError", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = 600.0   # train.dist_timeout_s
+_ANSWER_KEY = "rb_labelrefine/answering/{}"
+
+
+class DistributedTimeoutError(PackageError, RuntimeError):
+    """Under torchrun a collective got no answer from some rank within ``train.dist_timeout_s``
+    (a rank frozen, stopped or killed): every live rank stops with this, naming the silent rank(s);
+    the last checkpoint is resumable (exit 1, as a failed run)."""
+    exit_code = EXIT_FAILED
+
+
+def launch_command() -> str:
+    """How this process was started, for the printed resume command: ``rb-labelrefine`` in one
+    process; under torchrun ``torchrun --nproc_per_node=N -m rb_labelrefine`` (with ``--nnodes``
+    when the job spans several nodes: LOCAL_WORLD_SIZE is torchrun's --nproc_per_node)."""
+    _, world, _ = env_world()
+    if world <= 1:
+        return "rb-labelrefine"
+    try:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        per_node = world
+    per_node = per_node if 1 <= per_node <= world else world
+    nodes = world // per_node
+    return f"torchrun {f'--nnodes={nodes} (and your rendezvous options) ' if nodes > 1 else ''}" \
+           f"--nproc_per_node={per_node} -m rb_labelrefine"
 
 
 def env_world() -> tuple[int, int, int]:
@@ -91,6 +123,7 @@ def rank_zero_only(fn: Callable, *, returns_path_arg: Optional[int] = None) -> C
 class DistributedContext:
     """The process group as the trainer sees it.  ``enabled`` is False in a single process, and
     then every method is a cheap no-op."""
+    timeout_s = DEFAULT_TIMEOUT_S   # train.dist_timeout_s (set by init_distributed)
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, backend: Optional[str] = None):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
@@ -169,10 +202,21 @@ class DistributedContext:
         return device
 
     def carry_epoch_sums(self, acc: Optional[dict]) -> None:
-        """At the start of an epoch: a resumed epoch carries its partial sums (already summed over
-        ranks) on every rank -- remember them, so :meth:`reduce_epoch_sums` counts them once."""
-        acc = acc or {}
-        self._carried = (float(acc.get("loss", 0.0)), float(acc.get("correct", 0.0)))
+        """At the start of an epoch: a resumed epoch carries its partial sums.  The checkpoint holds
+        every rank's own float32 running sums where they stopped (``loss@r``/``correct@r``, written
+        by :meth:`reduce_epoch_sums`): each rank continues its own -- ``acc``'s ``loss``/``correct``
+        are set to this rank's in place, for ``EpochSums.begin`` -- so the epoch's sums are those of
+        the uninterrupted run to the last bit (continuing from the already-reduced total on every
+        rank and subtracting it again afterwards rounds differently: ``train_loss`` differed in
+        the 8th digit).  A checkpoint of another world size (or from before) falls back to the
+        total, counted once."""
+        acc = acc if acc is not None else {}
+        own = _own_partial(acc, self.rank, self.world_size) if self.enabled else None
+        if own is not None:
+            acc["loss"], acc["correct"] = own
+            self._carried = (0.0, 0.0)
+        else:
+            self._carried = (float(acc.get("loss", 0.0)), float(acc.get("correct", 0.0)))
 
     def broadcast_modules(self, mods) -> None:
         """Rank 0's initial weights everywhere: the model, WA/SWA copies, the rectifier's modules
@@ -194,6 +238,48 @@ class DistributedContext:
         kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
               else {"broadcast_buffers": False})
         return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, **kw)
+
+    @contextlib.contextmanager
+    def timeouts(self, hint: Callable[[], str] = lambda: ""):
+        """A collective that times out inside the block is a :class:`DistributedTimeoutError` naming
+        the rank(s) that stopped answering (those that did not report to the rendezvous store
+        within a grace period; rank 0 when the store itself -- served by rank 0 -- does not answer)
+        and ``hint()`` (the resume command)."""
+        try:
+            yield
+        except DistributedTimeoutError:
+            raise
+        except Exception as exc:   # noqa: BLE001 -- only a collective's timeout is converted
+            if not self.enabled or not _is_timeout(exc):
+                raise
+            silent = self.silent_ranks()
+            who = (f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}") if silent \
+                else f"another of the {self.world_size} ranks"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise DistributedTimeoutError(
+                f"rank {self.rank}: {who} stopped answering: a collective got no answer within train.dist_timeout_s="
+                f"{self.timeout_s:g} s ({first}); the rank was frozen, stopped, "
+                f"killed or out of memory. {hint()}".rstrip()) from None
+
+    def silent_ranks(self, grace_s: Optional[float] = None) -> list:
+        """After a timeout: the ranks that do not report themselves alive to the rendezvous store
+        within ``grace_s`` (default: the timeout, at most 30 s).  Every live rank reports and waits."""
+        if not self.enabled:
+            return []
+        grace = min(self.timeout_s, 30.0) if grace_s is None else grace_s
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(datetime.timedelta(seconds=max(grace, 1.0)))
+            store.set(_ANSWER_KEY.format(self.rank), "1")
+            deadline = time.monotonic() + grace
+            while True:
+                silent = [r for r in range(self.world_size)
+                          if r != self.rank and not store.check([_ANSWER_KEY.format(r)])]
+                if not silent or time.monotonic() > deadline:
+                    return silent
+                time.sleep(0.1)
+        except Exception:   # noqa: BLE001 -- the store (on rank 0) does not answer either
+            return [0] if self.rank != 0 else []
 
     def loss_weight(self, n_local: int, n_global: int) -> float:
         """``n_rank * W / n_global`` for the global batch of this step (1 for equal shares)."""
@@ -217,8 +303,11 @@ class DistributedContext:
             sizes = [b - a for a, b in (slice_bounds(sizes, r, self.world_size) for r in range(self.world_size))]
         rectifier.synchronize(functools.partial(self.all_gather_rows, sizes=sizes))
 
-    def reduce_epoch_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> int:
-        """All-reduce the epoch's running sums in place; returns the global sample count."""
+    def reduce_epoch_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int,
+                          acc: Optional[dict] = None) -> int:
+        """All-reduce the epoch's running sums in place; returns the global sample count.  With
+        ``acc`` (the epoch's checkpointed sums) every rank's own running sums before the reduction
+        are kept there as ``loss@r``/``correct@r`` (see :meth:`carry_epoch_sums`)."""
         if not self.enabled:
             return seen
         if not self.is_main:  # partial sums carried over a resume are on every rank: count them once
@@ -226,12 +315,27 @@ class DistributedContext:
             correct -= self._carried[1]
         self._carried = (0.0, 0.0)
         dev = self._comm_device
+        if acc is not None:   # float32 values, exact as doubles
+            local = torch.stack([loss_sum.detach().double().to(dev), correct.detach().double().to(dev)])
+            parts = [torch.empty_like(local) for _ in range(self.world_size)]
+            dist.all_gather(parts, local)
+            for r, p in enumerate(parts):
+                acc[f"loss@{r}"], acc[f"correct@{r}"] = float(p[0]), float(p[1])
         t = torch.stack([loss_sum.detach().double().to(dev), correct.detach().double().to(dev),
                          torch.tensor(float(seen), dtype=torch.float64, device=dev)])
         dist.all_reduce(t)
         loss_sum.copy_(t[0])
         correct.copy_(t[1])
         return int(round(float(t[2])))
+
+
+def _own_partial(acc: dict, rank: int, world_size: int):
+    """``(loss, correct)`` of ``rank``'s own running sums in a checkpoint's epoch sums, or None when
+    they are not there for exactly ``world_size`` ranks."""
+    ranks = {k.split("@", 1)[1] for k in acc if k.startswith("loss@")}
+    if ranks != {str(r) for r in range(world_size)} or f"correct@{rank}" not in acc:
+        return None
+    return float(acc[f"loss@{rank}"]), float(acc[f"correct@{rank}"])
 
 
 def _by_dtype(tensors):
@@ -241,23 +345,38 @@ def _by_dtype(tensors):
     return list(groups.values())
 
 
-def init_distributed(device: torch.device) -> DistributedContext:
-    """Join torchrun's process group when WORLD_SIZE > 1 (idempotent); ``nccl`` for a CUDA ``device``."""
+def init_distributed(device: torch.device, timeout_s: Optional[float] = None) -> DistributedContext:
+    """Join torchrun's process group when WORLD_SIZE > 1 (idempotent); ``nccl`` for a CUDA ``device``.
+    ``timeout_s`` (``train.dist_timeout_s``): how long a collective waits for every rank."""
     rank, world, local = env_world()
     if world <= 1:
         return DistributedContext()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout_s = float(timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S)
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
         atexit.register(_destroy)
-    else:
+    else:   # joined before (an earlier run in this process): its timeout stays
         backend = dist.get_backend()
         rank, world = dist.get_rank(), dist.get_world_size()
-    return DistributedContext(rank, world, local, backend)
+    ctx = DistributedContext(rank, world, local, backend)
+    ctx.timeout_s = timeout_s
+    return ctx
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """A collective that gave up waiting (gloo: "Timed out waiting ...", NCCL/c10d: "timeout"/
+    DistBackendError), or lost its peer while waiting ("Connection closed by peer")."""
+    text = str(exc).lower()
+    backend_error = getattr(dist, "DistBackendError", None)
+    return (isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text
+                                               or "connection closed by peer" in text or "connection reset" in text)) \
+        or (backend_error is not None and isinstance(exc, backend_error))
 
 
 def _destroy():

@@ -19,10 +19,10 @@ __all__ = ["Finisher", "effective_decays", "test_points"]
 
 
 def effective_decays(wa, rectifier) -> dict:
-    """The per-step decays the run used (rescaled to its steps per epoch): WA's, ADR's teacher's."""
-    decays = {"wa": getattr(wa, "decay", None),
-              "adr_teacher": getattr(getattr(rectifier, "teacher", None), "decay", None)}
-    return {k: v for k, v in decays.items() if v is not None}
+    """The per-step decays the run used (rescaled to its steps per epoch): WA's (``wa``: the WA
+    :class:`~rb_labelrefine.averaging.EMA` or None) and those the rectifier declares
+    (:meth:`~rb_labelrefine.rectifiers.base.Rectifier.effective_decays`, e.g. ADR's teacher)."""
+    return {**({"wa": wa.decay} if wa is not None else {}), **rectifier.effective_decays()}
 
 
 def test_points(test_ds, num_classes: int, n) -> tuple:

@@ -9,7 +9,6 @@ directory.  The layout itself (file names, the fingerprint, weights files) is
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,12 +16,16 @@ from typing import Callable, Optional
 from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..runs import (RESUMABLE_DIFFERENCES, RUN_FILES, added_later_note, check_fingerprint, fingerprint_metadata,
                     info_to_metadata, read_weights)
+from ..runs import as_before
+from ..safe_files import read_json
 from ..runs import flatten_config as _flatten
 from ..runs import write_weights as _write_weights
 from .distributed import is_main_process, rank_zero_only
+from .extension import check_extension, extension_note, restamp_for_extension, same_run
 from .errors import ResumeError
 from .io import RunLock, atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir, \
     remove_stale_temps, safe_torch_load
+from .runlog import LogFile, TensorBoard, WandB, history_csv, require_tensorboard, require_wandb, summary_line
 
 __all__ = ["RunDir"]
 
@@ -41,6 +44,30 @@ class RunDir:
         self.cfg, self.out, self.resume, self.log = cfg, Path(out), resume, log
         self.fingerprint = fingerprint_metadata(cfg)
         self._curves_skipped = False
+        self.previous: Optional[Config] = None   # --resume extending a finished run: its config (extension.py)
+        self.logfile = LogFile(self.path("log"))
+        if cfg.train.tensorboard:
+            require_tensorboard()  # a missing extra is refused before anything is built or written
+        self.tensorboard = TensorBoard(self.path("tensorboard")) if cfg.train.tensorboard else None
+        if cfg.train.wandb:
+            require_wandb()
+        self.wandb = WandB(cfg.train.wandb, self.out, config_to_dict(cfg)) if cfg.train.wandb else None
+
+    def tee(self, console: Callable[[str], None]) -> Callable[[str], None]:
+        """``console`` and ``train.log`` (rank 0; buffered until the run writes its first file)."""
+        def log(msg: str) -> None:
+            console(msg)
+            self.record(msg)
+        return log
+
+    def record(self, msg: str) -> None:
+        """One line to ``train.log`` only (the epoch lines of a --quiet run)."""
+        if is_main_process():
+            self.logfile.write(msg)
+
+    def _live(self) -> None:
+        if is_main_process():
+            self.logfile.open()
 
     def path(self, which: str) -> Path:
         return self.out / RUN_FILES[which]
@@ -98,7 +125,11 @@ class RunDir:
         except ConfigError as exc:
             raise ResumeError(f"--resume: {cfg_file} is not a valid config ({exc})") from None
         a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(self.cfg))
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_DIFFERENCES)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_DIFFERENCES
+                      and not as_before(k, b.get(k), a.get(k), a))   # a field added later, as the run was
+        if diff == ["train.epochs"] and self.path("checkpoint").exists() and b[diff[0]] > a[diff[0]]:
+            self.previous = check_extension(old, self.cfg, self.path("checkpoint"))  # more epochs: extend
+            return
         if diff:
             shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
             raise ResumeError(f"--resume: {self.out} was trained with a different config ({shown}). "
@@ -112,7 +143,10 @@ class RunDir:
         try:
             added = check_fingerprint(self.cfg, stored, where)
         except ValueError as exc:
-            raise ResumeError(f"--resume: {exc}") from None
+            # extending a finished run: its files carry the finished run's fingerprint until restamped
+            if self.previous is None or not same_run(self.previous, stored, where):
+                raise ResumeError(f"--resume: {exc}") from None
+            added = []
         if added:
             self.log(added_later_note(where, added))
 
@@ -133,9 +167,10 @@ class RunDir:
         if not self.resume or not all(self.path(k).is_file() for k in ("summary", "final", "checkpoint")):
             return None
         try:
-            summary = json.loads(self.path("summary").read_text())
+            # never through a link, nor from a FIFO or device (a downloaded run is untrusted input)
+            summary = read_json(self.path("summary"), max_bytes=16 << 20, follow_links=False)
         except (OSError, ValueError):
-            return None  # torn by hand: the final stage is redone
+            return None  # torn by hand (or not a regular file): the final stage is redone
         state = safe_torch_load(self.path("checkpoint"))
         where = f"the checkpoint {self.path('checkpoint')}"
         if not isinstance(state, dict):
@@ -148,8 +183,15 @@ class RunDir:
                  "written): nothing to do, nothing changed")
         return summary
 
-    def log_resumed(self, epoch: int, batch: int) -> None:
+    def resumed(self, epoch: int, batch: int, steps_per_epoch: int) -> None:
+        """After the checkpoint was restored: say so; extending a finished run, its files are
+        restamped and the new config written (training/extension.py), with a note on the schedule."""
         self.log(f"resumed from {self.path('checkpoint')} at epoch {epoch + 1}, batch {batch}")
+        if self.previous is not None:
+            self._live()
+            if is_main_process():
+                restamp_for_extension(self.out, self.previous, self.cfg, self.fingerprint)
+            self.log(extension_note(self.previous, self.cfg, steps_per_epoch))
         if batch and self.cfg.data.augment and self.cfg.data.num_workers > 0:
             self.log("note: resumed mid-epoch with augmentation in DataLoader workers: the rest of this "
                      "epoch is augmented differently from an uninterrupted run (not bit-exact)")
@@ -167,13 +209,28 @@ class RunDir:
             write_text(self.path("config"), dump_config(self.cfg))
 
     def save_checkpoint(self, state: dict, path: Path) -> None:
+        self._live()
         save_torch(state, path)
 
     def write_history(self, history: list) -> None:
+        """history.json, history.csv (the same rows) and, with train.tensorboard, the last epoch's scalars."""
+        self._live()
         write_json(self.path("history"), history)
+        write_text(self.path("history_csv"), history_csv(history))
+        for tracker in (self.tensorboard, self.wandb):
+            if tracker is not None and history and is_main_process():
+                tracker.write(history[-1])
 
     def write_summary(self, summary: dict) -> None:
+        self._live()
+        if self.cfg.model.init_from:  # where the weights training started from came from
+            summary["init_from"] = self.cfg.model.init_from
         write_json(self.path("summary"), summary)
+        self.record(summary_line(summary))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None and is_main_process():
+            self.wandb.close(summary)
 
     def weights_meta(self, info, epoch: int, which: str) -> dict:
         c = self.cfg
@@ -182,6 +239,7 @@ class RunDir:
                 "data_info": info_to_metadata(info), **self.fingerprint}
 
     def write_weights(self, model, which: str, meta: dict) -> Path:
+        self._live()
         return write_weights(model, self.path(which), meta)
 
     def write_curves(self, history: list) -> Optional[Path]:
@@ -199,4 +257,6 @@ class RunDir:
             return None
 
     def resume_hint(self) -> str:
-        return f"Resume with: rb-labelrefine train --config {self.path('config')} --out {self.out} --resume"
+        from .distributed import launch_command   # under torchrun: the torchrun command line
+
+        return f"Resume with: {launch_command()} train --config {self.path('config')} --out {self.out} --resume"

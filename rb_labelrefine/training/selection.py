@@ -2,8 +2,9 @@
 
 Per epoch (:func:`epoch_record`): PGD-k on the held-out validation split (and, for
 ``eval.val_attack`` other than ``pgd_ce``, that attack too), clean and PGD-k accuracy on a fixed test
-subset for the curve.  :class:`Selector` keeps the best epoch -- the papers' early-stopping protocol
--- and, beside it, the one cross-entropy PGD would pick (``best_pgd_ce``), each with its own record.
+subset for the curve.  :class:`Selector` holds the selection criteria, each a
+:class:`BestCheckpoint` with its own state: :class:`Best`, the papers' early-stopping protocol,
+and beside it :class:`BestByCE`, the epoch cross-entropy PGD would pick (``best_pgd_ce``).
 
 **Where the best checkpoint is selected** is a setting, never a fallback: ``eval.select_on: val`` (the
 default) selects on the validation split, and a run without one (``data.val_fraction: 0``) is refused;
@@ -19,7 +20,8 @@ import torch.nn as nn
 
 from ..config import Config, ConfigError
 
-__all__ = ["Selector", "eval_loaders", "evaluated_model", "bn_loader", "epoch_record", "epoch_line", "evaluate"]
+__all__ = ["Selector", "BestCheckpoint", "Best", "BestByCE", "eval_loaders", "evaluated_model", "bn_loader",
+           "epoch_record", "epoch_line", "evaluate"]
 
 
 def eval_loaders(cfg: Config, val_ds, test_ds, num_classes: int) -> tuple:
@@ -113,22 +115,135 @@ def epoch_line(cfg: Config, rec: dict) -> str:
     return " | ".join(parts)
 
 
+class BestCheckpoint:
+    """One selection criterion with its own state: the epoch whose history record scores highest
+    (the first of ties) and that epoch's record; its weights are written as ``name``
+    (``save(model, name, epoch, eval_model)``).  Subclasses say what scores an epoch
+    (:meth:`score_of`) and what is kept of it (:meth:`entry`)."""
+
+    name = ""
+
+    def __init__(self, save: Callable[[nn.Module, str, int, str], object]):
+        self._save = save
+        self.record = {"epoch": -1, "score": -1.0}
+
+    @property
+    def epoch(self) -> int:
+        """The selected epoch (1-based; -1 before any)."""
+        return self.record["epoch"]
+
+    @property
+    def score(self) -> float:
+        return self.record.get("score", -1.0)
+
+    def score_of(self, rec: dict):
+        """The score of an epoch's record, or None when this criterion does not score it."""
+        raise NotImplementedError
+
+    def entry(self, epoch: int, score: float, rec: dict, which: str) -> dict:
+        """What is kept of the selected epoch ``epoch`` (1-based)."""
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int, rec: dict, model: nn.Module, which: str) -> None:
+        """Epoch ``epoch`` (0-based, its record ``rec``, ``model`` the evaluated weights): a higher
+        score than the best so far selects it and writes its weights."""
+        score = self.score_of(rec)
+        if score is not None and score > self.score:
+            self.record = self.entry(epoch + 1, score, rec, which)
+            self._save(model, self.name, epoch + 1, which)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return dict(self.record)
+
+    def load_state_dict(self, state: dict, epochs_done: int) -> None:
+        """``epochs_done``: the epochs the checkpoint has trained (a selected epoch after them does not
+        fit).  ValueError/TypeError/KeyError when the record does not fit; nothing changes then."""
+        record = dict(state)
+        if not -1 <= int(record["epoch"]) <= epochs_done:
+            raise ValueError(f"{self.name} epoch {record['epoch']} after {epochs_done} epochs")
+        self.record = record
+
+
+class Best(BestCheckpoint):
+    """The best checkpoint -- the papers' early-stopping protocol: the highest ``key`` of the history
+    record (``{on}_pgd``, ``{on}_clean`` for ``select_by: clean``, or ``val_<attack>``)."""
+
+    name = "best"
+
+    def __init__(self, save, *, on: str, by: str, attack: str, key: str):
+        super().__init__(save)
+        self.on, self.by, self.attack, self.key = on, by, attack, key
+
+    @property
+    def score(self) -> float:
+        # a 'best' entry written before "score" existed holds the validation PGD it was selected by
+        return self.record.get("score", self.record.get("val_pgd", -1.0))
+
+    def score_of(self, rec: dict):
+        return rec.get(self.key)
+
+    def entry(self, epoch: int, score: float, rec: dict, which: str) -> dict:
+        entry = {"epoch": epoch, "score": score, "selected_by": self.by, "selected_on": self.on,
+                 "val_pgd": rec.get("val_pgd"), "val_clean": rec.get("val_clean"),
+                 "test_clean": rec.get("test_clean"), "test_pgd": rec.get("test_pgd"), "eval_model": which}
+        if self.by == "robust":
+            entry["val_attack" if self.on == "val" else "test_attack"] = self.attack
+            if self.attack != "pgd_ce":
+                entry[self.key] = rec.get(self.key)
+        return entry
+
+    def summary(self) -> dict:
+        """The summary's ``best_epoch`` / ``best`` (with ``selected_on``, also for a best restored from a
+        checkpoint written before it was recorded)."""
+        best = {"selected_on": self.on, **{k: v for k, v in self.record.items() if k != "epoch"}}
+        return {"best_epoch": self.epoch, "best": best}
+
+
+class BestByCE(BestCheckpoint):
+    """Beside a best selected by another attack (``eval.val_attack``: margin / DLR PGD), the checkpoint
+    cross-entropy PGD would pick (``best_pgd_ce``), so a table can report both.  Inactive (it scores
+    nothing) when the best is already selected by cross-entropy PGD or by clean accuracy."""
+
+    name = "best_pgd_ce"
+
+    def __init__(self, save, *, active: bool, key: str):
+        super().__init__(save)
+        self.active, self.key = active, key
+
+    def score_of(self, rec: dict):
+        return rec.get("val_pgd") if self.active else None
+
+    def entry(self, epoch: int, score: float, rec: dict, which: str) -> dict:
+        return {"epoch": epoch, "score": score, "val_pgd": score, self.key: rec.get(self.key),
+                "test_pgd": rec.get("test_pgd")}
+
+    def summary(self) -> dict:
+        if self.epoch < 1:
+            return {}
+        return {"best_pgd_ce_epoch": self.epoch, "best_pgd_ce": {k: v for k, v in self.record.items() if k != "epoch"}}
+
+
 class Selector:
-    """Best and best-by-CE selection.  ``has_val``: whether the run has a validation split;
-    ``save(model, which_file, epoch, eval_model)`` writes a selected checkpoint's weights."""
+    """The run's selection criteria: :class:`Best` and :class:`BestByCE`, each with its own state
+    (the checkpoint's ``best`` and ``best_pgd_ce`` entries).  ``has_val``: whether the run has a
+    validation split; ``save(model, which_file, epoch, eval_model)`` writes a selected checkpoint's
+    weights."""
 
     def __init__(self, cfg: Config, has_val: bool, save: Callable[[nn.Module, str, int, str], object]):
         e = cfg.eval
         self.on, self.has_val = e.select_on, has_val
         # The papers select by validation robust accuracy; a naturally trained model (a KD / LTD
         # teacher) is selected by validation clean accuracy (its robust accuracy is ~0).
-        self.by = e.select_by if e.select_by != "auto" else ("clean" if cfg.objective.name == "natural" else "robust")
-        self.attack = e.val_attack if self.on == "val" else "pgd_ce"
-        self.key = f"{self.on}_clean" if self.by == "clean" else (
-            f"{self.on}_pgd" if self.attack == "pgd_ce" else f"val_{self.attack}")
-        self._save = save
-        self.best = {"epoch": -1, "score": -1.0}
-        self.best_pgd_ce = {"epoch": -1, "score": -1.0}   # kept only when the selecting attack is not pgd_ce
+        by = e.select_by if e.select_by != "auto" else ("clean" if cfg.objective.name == "natural" else "robust")
+        attack = e.val_attack if self.on == "val" else "pgd_ce"
+        key = f"{self.on}_clean" if by == "clean" else (f"{self.on}_pgd" if attack == "pgd_ce" else f"val_{attack}")
+        self.best = Best(save, on=self.on, by=by, attack=attack, key=key)
+        self.best_pgd_ce = BestByCE(save, active=by == "robust" and attack != "pgd_ce", key=key)
+
+    @property
+    def criteria(self) -> tuple:
+        return self.best, self.best_pgd_ce
 
     def require_split(self) -> None:
         """Refuse a run that would select on a validation split it does not have (never a silent
@@ -141,45 +256,22 @@ class Selector:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"best": dict(self.best), "best_pgd_ce": dict(self.best_pgd_ce)}
+        """The checkpoint's entries, one per criterion (``best``, ``best_pgd_ce``)."""
+        return {c.name: c.state_dict() for c in self.criteria}
 
     def load_state_dict(self, state: dict, epoch: int) -> None:
-        """``state`` holds ``best`` (and, from checkpoints that have it, ``best_pgd_ce``); ``epoch``:
-        the epochs done (a best epoch after them does not fit).  ValueError/TypeError/KeyError when the
-        records do not fit."""
-        best = dict(state["best"])
-        best_pgd_ce = dict(state.get("best_pgd_ce") or {"epoch": -1, "score": -1.0})
-        if not -1 <= int(best.get("epoch", -1)) <= epoch:
-            raise ValueError(f"best epoch {best.get('epoch')} after {epoch} epochs")
-        self.best, self.best_pgd_ce = best, best_pgd_ce
+        """Each criterion from its entry of ``state``; a checkpoint written before ``best_pgd_ce``
+        existed has none (nothing selected by it yet).  ``epoch``: the epochs done."""
+        self.best.load_state_dict(state[self.best.name], epoch)
+        self.best_pgd_ce.load_state_dict(state.get(self.best_pgd_ce.name) or {"epoch": -1, "score": -1.0}, epoch)
 
     # ------------------------------------------------------------------ per epoch
     def end_epoch(self, epoch: int, rec: dict, model: nn.Module, which: str) -> None:
-        """Compare epoch ``epoch`` (0-based, its record ``rec``) with the best so far; write the weights
-        of a new best."""
-        score = rec.get(self.key)
-        if score is not None and score > self.best.get("score", self.best.get("val_pgd", -1.0)):
-            self.best = {"epoch": epoch + 1, "score": score, "selected_by": self.by, "selected_on": self.on,
-                         "val_pgd": rec.get("val_pgd"), "val_clean": rec.get("val_clean"),
-                         "test_clean": rec.get("test_clean"), "test_pgd": rec.get("test_pgd"), "eval_model": which}
-            if self.by == "robust":
-                self.best["val_attack" if self.on == "val" else "test_attack"] = self.attack
-                if self.attack != "pgd_ce":
-                    self.best[self.key] = rec.get(self.key)
-            self._save(model, "best", epoch + 1, which)
-        # the checkpoint cross-entropy PGD would pick, beside the one the other attack picks
-        ce_score = rec.get("val_pgd") if self.by == "robust" and self.attack != "pgd_ce" else None
-        if ce_score is not None and ce_score > self.best_pgd_ce.get("score", -1.0):
-            self.best_pgd_ce = {"epoch": epoch + 1, "score": ce_score, "val_pgd": ce_score,
-                                self.key: rec.get(self.key), "test_pgd": rec.get("test_pgd")}
-            self._save(model, "best_pgd_ce", epoch + 1, which)
+        """Offer epoch ``epoch`` (0-based, its record ``rec``) to every criterion; each writes the
+        weights of a new best of its own."""
+        for c in self.criteria:
+            c.end_epoch(epoch, rec, model, which)
 
     def summary(self) -> dict:
-        """The summary's ``best_epoch`` / ``best`` (with ``selected_on``, also for a best restored from a
-        checkpoint written before it was recorded) and, when kept, ``best_pgd_ce``."""
-        best = {"selected_on": self.on, **{k: v for k, v in self.best.items() if k != "epoch"}}
-        out = {"best_epoch": self.best["epoch"], "best": best}
-        if self.best_pgd_ce["epoch"] >= 1:
-            out["best_pgd_ce_epoch"] = self.best_pgd_ce["epoch"]
-            out["best_pgd_ce"] = {k: v for k, v in self.best_pgd_ce.items() if k != "epoch"}
-        return out
+        """The summary's ``best_epoch`` / ``best`` and, when kept, ``best_pgd_ce_epoch`` / ``best_pgd_ce``."""
+        return {**self.best.summary(), **self.best_pgd_ce.summary()}

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
 from ..fast import FloatLogits, NonFinite, NonFiniteGuard, autocast, compile_module, make_grad_scaler
 from .errors import NonFiniteLossError
 
@@ -46,6 +47,10 @@ class StepRuntime:
         t = train_cfg
         self.device, self.dist = device, (dist if dist is not None and dist.enabled else None)
         self.amp = t.amp
+        self.accum_steps = int(getattr(t, "accum_steps", 1) or 1)
+        if self.accum_steps > 1 and self.dist is not None:
+            raise ConfigError("train.accum_steps", "gradient accumulation under torchrun (DDP) is not supported: "
+                              "set train.accum_steps=1 (more ranks already give a larger global batch)")
         self.channels_last = bool(t.channels_last)
         self.steps_per_epoch = steps_per_epoch
         self.global_batch = global_batch
@@ -110,7 +115,32 @@ class StepRuntime:
     def nonfinite(self, loss: torch.Tensor, step: int) -> Optional[NonFinite]:
         return self.guard(loss, step, self.steps_per_epoch)
 
-    def backward(self, loss: torch.Tensor, n_local: int, step: int) -> None:
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor, idx):
+        """``train.accum_steps``: the batch as ``(x, y, idx, share)`` micro-batches (``share``: the
+        micro-batch's fraction of the batch, its loss weight); the whole batch (share 1) without."""
+        if self.accum_steps == 1:
+            return [(x, y, idx, 1.0)]
+        n, k = y.shape[0], self.accum_steps
+        parts = zip(x.tensor_split(k), y.tensor_split(k), idx.tensor_split(k) if idx is not None else [None] * k)
+        return [(a, b, c, b.shape[0] / n) for a, b, c in parts if b.shape[0]]
+
+    @staticmethod
+    def joined(parts: list) -> tuple:
+        """``(loss, logits)`` of the whole batch from its micro-batches' ``(loss, logits, share)``: the
+        share-weighted mean loss (the full batch's mean) and the logits in batch order."""
+        if len(parts) == 1:
+            return parts[0][:2]
+        loss = sum(lo.detach().float() * share for lo, _, share in parts)
+        return loss, torch.cat([lg.detach() for _, lg, _ in parts])
+
+    def backward(self, loss: torch.Tensor, n_local: int, step: int, share: float = 1.0, zero=None) -> None:
+        """``share``: a micro-batch's fraction of the batch (``train.accum_steps``): its mean loss is
+        weighted by it, so the accumulated gradient is the batch's mean gradient.  ``zero``: an
+        optimizer whose gradients are set to None first (the batch's first micro-batch)."""
+        if zero is not None:
+            zero.zero_grad(set_to_none=True)
+        if share != 1.0:
+            loss = loss * share
         w = self._loss_weight(n_local, step)
         if w != 1.0:
             loss = loss * w
@@ -144,9 +174,10 @@ class StepRuntime:
             if bad is not None:
                 raise nonfinite_error(bad, bad.step // max(self.steps_per_epoch, 1))
 
-    def reduce_epoch_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> int:
-        """Distributed: the epoch's sums over all ranks (in place); returns the global count."""
-        return seen if self.dist is None else self.dist.reduce_epoch_sums(loss_sum, correct, seen)
+    def reduce_epoch_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, acc=None) -> int:
+        """Distributed: the epoch's sums over all ranks (in place); returns the global count (each
+        rank's own running sums kept in ``acc`` for a resume: DistributedContext.reduce_epoch_sums)."""
+        return seen if self.dist is None else self.dist.reduce_epoch_sums(loss_sum, correct, seen, acc)
 
 
 class StepSnapshot:
@@ -233,7 +264,7 @@ class EpochSums:
 
     def flush(self) -> None:
         """Fold the device sums into :attr:`acc` (before a checkpoint, at the end of the epoch)."""
-        seen = self.reduce(self.loss, self.correct, self.seen)  # [DDP] sums over all ranks
+        seen = self.reduce(self.loss, self.correct, self.seen, self.acc)  # [DDP] sums over all ranks
         acc = self.acc
         acc["loss"] += float(self.loss)
         acc["correct"] += float(self.correct)

@@ -366,6 +366,8 @@ class BatchStream:
         self.n_real = len(train_ds)
         self.aux_fraction, self.aux_batch, self.whole_batch = float(aux_fraction), aux_batch, int(batch_size)
         self.aux = AuxStream(aux, seed) if aux is not None else None
+        if self.aux is not None:   # the most generated rows one step draws: bounds a checkpoint's aux position
+            self.aux.max_rows_per_step = int(batch_size) + aux_count(int(batch_size), aux_fraction)
         # the real rows of a (global) batch
         self.batch_size = (batch_size - int(batch_size * aux_fraction) if aux_batch == "split" else int(batch_size))
         self.steps_per_epoch = count_steps_per_epoch(self.n_real, self.batch_size, self.drop_last)
@@ -471,6 +473,7 @@ class BatchStream:
 
     def _aux_slice(self, n_real_global: int):
         """The auxiliary archive indices of this rank's share (the position advances globally)."""
+        self.aux.data.check(full=False)   # a truncated or rewritten archive: exit 2 naming it, never SIGBUS
         a = self.aux_rows(n_real_global)
         ai = self.aux.next_indices(a)
         lo, hi = slice_bounds(a, self.rank, self.world_size)

@@ -24,6 +24,8 @@ the trainer (they receive what they need and return values):
     step.py        AMP / channels_last / compile / DDP collectives, the non-finite snapshot, epoch sums
     checkpoint.py  what a checkpoint holds and the checks it passes before it is restored
     rundir.py      lock, resume policy, finished-run detection, the run directory's files
+    runlog.py      train.log, history.csv, TensorBoard / W&B (written through rundir.py)
+    extension.py   --resume with more train.epochs: extending a finished run
     signals.py     the one owner of the stop state (DDP only agrees on a flag)
     selection.py   per-epoch evaluation, best and best-by-CE selection
     finish.py      final weights, summary, curves, end-of-run AutoAttack
@@ -80,6 +82,7 @@ class Trainer:
         self._datasets = datasets
         say = lambda msg: self.log(msg)  # noqa: E731 (quiet on ranks other than 0, once set up)
         self.run = RunDir(cfg, self.out, resume=resume, log=say)       # lock, resume policy, files
+        self.log = self.run.tee(self.log)                               # and train.log (rank 0)
         self.stop = StopSignal(say)                                     # the one owner of the stop state
         self.checkpointer = Checkpointer(self.run.path("checkpoint"), self.run.save_checkpoint)
         self.finisher = Finisher(cfg, self.run, self.stop, say)         # final weights, summary, AutoAttack
@@ -97,13 +100,13 @@ class Trainer:
         configure_torch(cfg.train)
         device = _resolve_device(cfg.train.device)
         # [DDP] under torchrun (WORLD_SIZE > 1): join the process group, cuda:LOCAL_RANK, quiet ranks
-        self.dist = init_distributed(device)
+        self.dist = init_distributed(device, cfg.train.dist_timeout_s)
         self.device = self.dist.rank_device(device)
         if not self.dist.is_main:
             self.log, self.progress = (lambda msg: None), False
         rng.seed_all(cfg.train.seed)
         x0 = self._setup_data()
-        self.model = build_model(cfg, self.info, self.device, x0)
+        self.model = build_model(cfg, self.info, self.device, x0, init=not self.resume)  # model.init_from
         self.wa, self.swa = build_averagers(cfg, self.model, self.steps_per_epoch, self.total_steps)
         # per-sample state (SGLR) indexes auxiliary samples after the real ones: len(train) + archive index
         n_samples = self.stream.num_samples
@@ -222,8 +225,10 @@ class Trainer:
             ckpt = self.run.path("checkpoint")
             self.load_state_dict(safe_torch_load(ckpt, map_location=self.device), f"the checkpoint {ckpt}")
             self.run.check_weights_files()  # a weights file dropped in from another run is refused
-            self.run.log_resumed(self.start_epoch, self.start_batch)
-        with self.stop.installed(self.handle_signals, distributed=self.dist.enabled):
+            self.run.resumed(self.start_epoch, self.start_batch, self.steps_per_epoch)  # (extending: a note)
+        # [DDP] a rank that stops answering: every other rank stops naming it (train.dist_timeout_s)
+        with self.stop.installed(self.handle_signals, distributed=self.dist.enabled), \
+                self.dist.timeouts(self.run.resume_hint):
             return self._loop()
 
     def _loop(self) -> dict:
@@ -275,14 +280,6 @@ class Trainer:
         self.sums.flush()
 
     # ------------------------------------------------------------------ batches [the batch stream's pieces]
-    @property
-    def sampler(self):        # read-only views of the per-item path, for tests that drive train_step
-        return self.stream.sampler      # themselves (tests/test_differential.py): set_epoch, then iterate
-
-    @property
-    def train_loader(self):
-        return self.stream.loader()
-
     def _epoch_batches(self, epoch: int, skip: int):
         """The epoch's training batches from batch ``skip`` on, as the step takes them (checked, on
         the device, auxiliary rows after the real ones: training/stream.py), with a progress bar."""
@@ -309,26 +306,7 @@ class Trainer:
         if exact:
             self._snapshot.take()
         use_awp = self.awp is not None and epoch >= self.cfg.awp.warmup_epochs
-        with rt.autocast():
-            target = self.rectifier.targets(x, y, index=idx)
-            x_adv = self.objective.adversarial(rt.attack_model, x, target)  # DDP: the unwrapped module
-            self.model.train()
-            if use_awp:
-                self.awp.perturb(self.model, rt.awp_loss(self.objective, x, x_adv, target, step))
-            with (frozen_bn_stats(self.model) if use_awp and self.awp.freezes_bn_stats else contextlib.nullcontext()):
-                loss, logits_adv = self.objective.loss(rt.train_model, x, x_adv, target)
-        bad = rt.nonfinite(loss, step)  # per step on the CPU; a device-side flag read every log_every steps elsewhere
-        if bad is not None:
-            if use_awp:
-                self.awp.restore()
-            # back to exactly the state after the previous step (no update was made); the loop
-            # checkpoints it (Checkpointer.save_last_good).  With the deferred (accelerator) check there
-            # is no snapshot: save_last_good keeps the existing checkpoint if the state is not finite.
-            if exact:
-                self._snapshot.restore()
-            raise nonfinite_error(bad, epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        rt.backward(loss, y.shape[0], step)  # fp16: scaled; DDP: the rank's share of the global batch
+        parts = [self._micro_step(*p, epoch, use_awp, exact, i == 0) for i, p in enumerate(rt.micro_batches(x, y, idx))]
         if self.cfg.train.grad_clip:
             rt.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -342,7 +320,30 @@ class Trainer:
         if self.wa is not None:  # (when ADR shares it as its teacher, ADR does not update it)
             self.wa.update(self.model)
         self.global_step += 1
-        return loss, logits_adv
+        return rt.joined(parts)
+
+    def _micro_step(self, x, y, idx, share: float, epoch: int, use_awp: bool, exact: bool, first: bool):
+        """Attack, loss and backward of a micro-batch (train.accum_steps; else the batch): ``(loss, logits, share)``."""
+        rt, step = self._fast, self.global_step
+        with rt.autocast():
+            target = self.rectifier.targets(x, y, index=idx)
+            x_adv = self.objective.adversarial(rt.attack_model, x, target)  # DDP: the unwrapped module
+            self.model.train()
+            if use_awp:
+                self.awp.perturb(self.model, rt.awp_loss(self.objective, x, x_adv, target, step))
+            with (frozen_bn_stats(self.model) if use_awp and self.awp.freezes_bn_stats else contextlib.nullcontext()):
+                loss, logits_adv = self.objective.loss(rt.train_model, x, x_adv, target)
+        bad = rt.nonfinite(loss, step)  # per step on the CPU; a device-side flag read every log_every steps elsewhere
+        if bad is not None:
+            if use_awp:
+                self.awp.restore()
+            # back to the state after the previous step (no update made); Checkpointer.save_last_good keeps it
+            if exact:
+                self._snapshot.restore()
+            raise nonfinite_error(bad, epoch)
+        # the first part zeroes the gradients; fp16: scaled; DDP: the rank's share of the global batch
+        rt.backward(loss, y.shape[0], step, share, zero=self.optimizer if first else None)
+        return loss, logits_adv, share
 
     def _interrupt(self, epoch: int, batch: int):
         """A stop signal at a safe point: checkpoint, curves, :class:`TrainingInterrupted`."""
@@ -362,8 +363,7 @@ class Trainer:
                            curve_loader=self.curve_loader, device=self.device)
         self.history.append(rec)
         self.selector.end_epoch(epoch, rec, model, which)
-        if self.progress:
-            self.log(epoch_line(cfg, rec))
+        (self.log if self.progress else self.run.record)(epoch_line(cfg, rec))  # train.log either way
         self.run.write_history(self.history)
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
             self.save_checkpoint(epoch + 1, 0)
