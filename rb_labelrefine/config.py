@@ -578,6 +578,10 @@ def validate(cfg: Config) -> Config:
         _check(d.aux_fraction == 0, "train.accum_steps",
                "gradient accumulation with data.aux_fraction > 0 is not supported (the batch's real and "
                "auxiliary rows would be split unevenly): set train.accum_steps=1 or data.aux_fraction=0")
+        _check(cfg.method.name != "sglr", "train.accum_steps",
+               "gradient accumulation with method.name=sglr is not supported (SGLR writes one target's rows of its "
+               "per-sample memory per optimizer step; the other micro-batches' rows would be lost): set "
+               "train.accum_steps=1")
 
     e = cfg.eval
     _check(e.model in EVAL_MODELS, "eval.model", f"must be one of {list(EVAL_MODELS)}")

@@ -6,7 +6,8 @@ raised it.  The table (the README's command-line section lists it too):
 
 ====  ==========================================================================================
 0     success
-1     training failed: a non-finite loss (the last good state is checkpointed)
+1     training failed: a non-finite loss, or a rank stopped answering under torchrun (the last
+      good state is checkpointed and resumable)
 2     bad input: config, argument, data, checkpoint or run directory (the message names the
       field or path)
 3     stopped by SIGTERM/SIGINT with a resumable checkpoint (the message prints ``--resume``)

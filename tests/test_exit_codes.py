@@ -156,7 +156,8 @@ CASES = {
     "checkpoint aux.offset beyond the archive": (
         lambda r, t, a: _aux_resume(r, t, a, offset=10 ** 4), 2, ["'aux.offset' is 10000, outside [0, 200)"]),
     "checkpoint aux.pass = 10**30": (
-        lambda r, t, a: _aux_resume(r, t, a, **{"pass": 10 ** 30}), 2, ["'aux.pass' is 1" + "0" * 30 + ", outside [0, "]),
+        lambda r, t, a: _aux_resume(r, t, a, **{"pass": 10 ** 30}), 2,
+        ["'aux.pass' is 1" + "0" * 30 + ", outside [0, "]),
     "checkpoint aux.pass = -3": (
         lambda r, t, a: _aux_resume(r, t, a, **{"pass": -3}), 2, ["'aux.pass' is -3, outside [0, "]),
     "checkpoint aux.offset not an integer": (

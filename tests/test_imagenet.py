@@ -101,7 +101,7 @@ def test_build_datasets_augments_with_random_resized_crop(tmp_path):
     loader = torch.utils.data.DataLoader(tr, batch_size=4, num_workers=2)   # worker processes decode
     x, y, idx = next(iter(loader))
     assert x.shape == (4, 3, 16, 16)
-    with pytest.raises(ValueError, match="imagenet only"):
+    with pytest.raises(ConfigError, match="imagenet and synthetic only"):
         build_datasets("digits", image_size=16)
 
 

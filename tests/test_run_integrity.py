@@ -207,10 +207,12 @@ CASES = {
                       _train_argv(t / "run", resume=True))[-1], 2,
         ["'optimizer.state.0.momentum_buffer' is a int8 tensor, not floating point"]),
     "checkpoint best.score NaN": (
-        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["best"].update(score=float("nan"))),
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True),
+                                       lambda s: s["best"].update(score=float("nan"))),
                       _train_argv(t / "run", resume=True))[-1], 2, ["'best.score' is nan, not a finite number"]),
     "checkpoint best.score inf": (
-        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s["best"].update(score=float("inf"))),
+        lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True),
+                                       lambda s: s["best"].update(score=float("inf"))),
                       _train_argv(t / "run", resume=True))[-1], 2, ["'best.score' is inf, not a finite number"]),
     "checkpoint epoch_acc NaN": (
         lambda r, t: (_edit_checkpoint(_copy_run(r, t, unfinished=True), lambda s: s.update(

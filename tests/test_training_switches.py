@@ -20,7 +20,7 @@ from rb_labelrefine import cli
 from rb_labelrefine.config import ConfigError, load_config
 from rb_labelrefine.runs import RUN_FILES, read_weights
 from rb_labelrefine.training.trainer import Trainer
-from test_reliability import _assert_same_run
+from test_reliability import _assert_same_run, teacher_pt  # noqa: F401 (a fixture)
 
 TINY = ["model.arch=mlp", "data.train_subset=192", "data.batch_size=32", "attack.steps=2", "train.epochs=2",
         "train.device=cpu", "train.deterministic=true", "train.threads=1", "eval.val_attack_steps=1",
@@ -87,6 +87,7 @@ def test_every_run_writes_train_log_and_history_csv_appended_on_resume(capsys, t
     # the first process's lines are still there (appended, never truncated), then the resumes, then the end
     assert log.index("received SIGTERM") < log.index("resumed from") < log.index("epoch 2/2") < log.index("finished:")
     assert log.count("resumed from") == 2 and log.count("epoch 1/2 |") == 1
+    assert log.count("stopped. Resume with:") == 2 and log.index("stopped.") < log.index("resumed from")
     history = json.loads((run / RUN_FILES["history"]).read_text())
     rows = list(csv.DictReader((run / RUN_FILES["history_csv"]).open()))
     assert len(rows) == len(history) == 2
@@ -252,33 +253,46 @@ def test_init_from_mismatch_is_exit_2_naming_the_field(capsys, tmp_path, src_run
 
 # ----------------------------------------------------------------------------- train.accum_steps
 
-def _one_step(accum: int, extra=()) -> dict:
-    cfg = load_config("digits-pgdat", TINY + [f"train.accum_steps={accum}", "attack.random_start=false",
+def _one_step(accum: int, extra=(), preset="digits-pgdat") -> dict:
+    cfg = load_config(preset, TINY + [f"train.accum_steps={accum}", "attack.random_start=false",
                                               "data.batch_size=24", *extra])
     t = Trainer(cfg, "/nonexistent-h7", progress=False)
     t._setup()
     t.global_step = 0
     x, y, idx = next(iter(t.stream.epoch(0, 0)))
     loss, logits = t.train_step(x, y, idx, 0)
-    return {"loss": float(loss.detach()), "logits": logits.detach(), **{k: v.detach().clone() for k, v in t.model.state_dict().items()}}
+    state = {**t.model.state_dict(), **{f"rectifier.{k}": v for k, v in t.rectifier.state_dict().items()}}
+    return {"loss": float(loss.detach()), "logits": logits.detach(),
+            **{k: v.detach().clone() for k, v in state.items() if torch.is_tensor(v)}}
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
-def test_accumulated_step_equals_the_full_batch_step(k):
+@pytest.mark.parametrize("k, preset", [(2, "digits-pgdat"), (3, "digits-pgdat"), (4, "digits-pgdat"),
+                                       (4, "digits-trades-adr"), (4, "digits-ls"), (4, "digits-ltd"),
+                                       (4, "digits-kd-swa")])
+def test_accumulated_step_equals_the_full_batch_step(k, preset, teacher_pt):
     """mlp (no BatchNorm): k micro-batches of 24/k, the loss scaled by their share, give the
-    full batch's mean gradient: one step moves the weights as the full-batch step does (~1e-6)."""
-    full, acc = _one_step(1), _one_step(k)
+    full batch's mean gradient: one step moves the weights (and ADR's teacher, with TRADES) as the
+    full-batch step does (~1e-6); the same with KD's and LTD's frozen teachers."""
+    t = teacher_pt["mlp"]
+    extra = {"digits-ltd": [f"method.teacher={t}"],
+             "digits-kd-swa": [f"method.robust_teacher={t}", f"method.standard_teacher={t}"]}.get(preset, [])
+    full, acc = _one_step(1, extra, preset=preset), _one_step(k, extra, preset=preset)
     assert acc["loss"] == pytest.approx(full["loss"], rel=1e-6)
     for key, v in full.items():
         if torch.is_tensor(v):
             torch.testing.assert_close(acc[key], v, rtol=1e-6, atol=1e-6, msg=key)
 
 
-def test_accumulation_from_the_cli_resumes_bit_exact(capsys, tmp_path, stop_after_steps):
+@pytest.mark.parametrize("preset", ["digits-pgdat", "digits-trades-adr"])
+def test_accumulation_from_the_cli_resumes_bit_exact(capsys, tmp_path, stop_after_steps, preset):
+    """Plain PGD-AT, and ADR's EMA teacher with TRADES."""
     sets = ["train.accum_steps=4"]
-    rc, _, err = _train(capsys, tmp_path / "ref", *sets)
+    rc, _, err = _train(capsys, tmp_path / "ref", *sets, preset=preset)
     assert rc == 0, err
-    _interrupted_then_resumed(capsys, stop_after_steps, tmp_path / "run", sets, stops=(4,))
+    stop_after_steps([4])
+    assert _train(capsys, tmp_path / "run", *sets, preset=preset)[0] == 3
+    rc, _, err = _train(capsys, tmp_path / "run", *sets, preset=preset, resume=True)
+    assert rc == 0, err
     _assert_same_run(tmp_path / "run", tmp_path / "ref")
 
 
@@ -297,12 +311,15 @@ def test_accumulation_under_torchrun_is_refused_naming_the_field():
     (["train.accum_steps=4", "awp.enabled=true"], "awp.enabled"),
     (["train.accum_steps=5"], "not a multiple"),
     (["train.accum_steps=64"], "data.batch_size"),
+    (["train.accum_steps=4", "PRESET=digits-sglr"], "method.name=sglr"),   # its memory rows: one target per step
 ])
 def test_accumulation_refuses_what_it_does_not_support(capsys, tmp_path, sets, says):
-    rc, _, err = _train(capsys, tmp_path / "run", *sets)
+    preset = next((s.split("=")[1] for s in sets if s.startswith("PRESET=")), "digits-pgdat")
+    sets = [s for s in sets if not s.startswith("PRESET=")]
+    rc, _, err = _train(capsys, tmp_path / "run", *sets, preset=preset)
     assert rc == 2 and "train.accum_steps" in err and says in err, err
     with pytest.raises(ConfigError, match="train.accum_steps"):
-        load_config("digits-pgdat", TINY + sets)
+        load_config(preset, TINY + sets)
 
 
 # ----------------------------------------------------------------------------- extending a finished run

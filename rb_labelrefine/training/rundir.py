@@ -257,6 +257,9 @@ class RunDir:
             return None
 
     def resume_hint(self) -> str:
+        """The command that resumes the run -- asked for when the run stops, so train.log records it."""
         from .distributed import launch_command   # under torchrun: the torchrun command line
 
-        return f"Resume with: {launch_command()} train --config {self.path('config')} --out {self.out} --resume"
+        hint = f"Resume with: {launch_command()} train --config {self.path('config')} --out {self.out} --resume"
+        self.record(f"stopped. {hint}")
+        return hint
