@@ -21,8 +21,6 @@ nothing is installed or changed.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import importlib
 import importlib.metadata as md
 import importlib.util
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ._optional import ROBUSTBENCH_REPAIR, install_hint
+from .compat.robustbench_files import damage_message, damage_text as _damage_text, robustbench_damage
 
 __all__ = ["Item", "run_checks", "check_robustbench_files", "robustbench_damage", "damage_message", "format_items",
            "main"]
@@ -79,80 +78,6 @@ def _satisfies(version: str, spec: str) -> Optional[bool]:
 
 
 # ----------------------------------------------------------------------------- RobustBench's files
-
-def _robustbench_origin() -> Optional[str]:
-    """The ``robustbench/__init__.py`` that ``import robustbench`` uses (or would use), without importing it."""
-    mod = sys.modules.get("robustbench")
-    if mod is not None:
-        return getattr(mod, "__file__", None)
-    try:
-        spec = importlib.util.find_spec("robustbench")
-    except (ImportError, ValueError):
-        return None
-    return spec.origin if spec is not None else None
-
-
-def robustbench_damage(dist=None) -> Optional[dict]:
-    """What is wrong with the installed RobustBench, or ``None`` when it is intact (or absent).
-
-    ``{"version", "changed": [...], "missing": [...], "checked": n, "shadowed_by": path or None}``:
-    files whose sha256 differs from the distribution's ``RECORD``, files it lists that are gone, and
-    a ``robustbench`` package that ``import`` finds somewhere else than the distribution put it.
-    """
-    dist = dist if dist is not None else _distribution("robustbench")
-    if dist is None:
-        return None
-    changed, missing, checked = [], [], 0
-    for f in dist.files or []:
-        if f.hash is None or not str(f).startswith("robustbench/"):
-            continue
-        checked += 1
-        try:
-            data = Path(f.locate()).read_bytes()
-        except FileNotFoundError:
-            missing.append(str(f))
-            continue
-        digest = base64.urlsafe_b64encode(hashlib.new(f.hash.mode, data).digest()).rstrip(b"=").decode()
-        if digest != f.hash.value:
-            changed.append(str(f))
-    shadowed = None
-    origin = _robustbench_origin()
-    expected = Path(dist.locate_file("robustbench/__init__.py"))
-    if origin and expected.exists() and checked:
-        try:
-            if Path(origin).resolve() != expected.resolve():
-                shadowed = str(Path(origin).parent)
-        except OSError:
-            pass
-    if not changed and not missing and shadowed is None:
-        return None
-    return {"version": dist.version, "changed": changed, "missing": missing, "checked": checked,
-            "shadowed_by": shadowed}
-
-
-def _damage_text(d: dict) -> str:
-    parts = []
-    if d["changed"] or d["missing"]:
-        bad = d["changed"] + d["missing"]
-        shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
-        parts.append(f"{len(d['changed'])} of its {d['checked']} installed files differ from its RECORD"
-                     + (f" and {len(d['missing'])} are missing" if d["missing"] else "") + f" ({shown})")
-    if d["shadowed_by"]:
-        parts.append(f"`import robustbench` finds {d['shadowed_by']}, not the installed distribution's files")
-    owners = []
-    ta = _distribution("torchattacks")
-    if ta is not None and any(str(f).startswith("robustbench/") for f in ta.files or []):
-        owners.append(f"torchattacks {ta.version}'s wheel carries its own robustbench/ copy, which overwrites "
-                      "RobustBench's files when installed after it")
-    return "; ".join(parts + owners)
-
-
-def damage_message(d: dict) -> str:
-    """The error for a damaged RobustBench (raised by ``import_robustbench`` before its import fails
-    somewhere inside, e.g. with ``AttributeError: corruptions_3d``)."""
-    return (f"the installed RobustBench {d['version']} is damaged: {_damage_text(d)}. Repair it with "
-            f"{ROBUSTBENCH_REPAIR.format(version=d['version'])} (then `rb-labelrefine doctor` checks the environment)")
-
 
 def check_robustbench_files(dist=None) -> Item:
     dist = dist if dist is not None else _distribution("robustbench")

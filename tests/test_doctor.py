@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rb_labelrefine import doctor
+from rb_labelrefine.compat import robustbench_files
 
 REPO = Path(__file__).resolve().parents[1]
 REPAIR = "pip install --force-reinstall --no-deps robustbench=="
@@ -75,7 +76,7 @@ def test_the_damage_check_reads_the_record(tmp_path, monkeypatch):
     site = _robustbench_copy(tmp_path)
     dist = md.Distribution.at(next(site.glob("robustbench-*.dist-info")))
     monkeypatch.setattr(doctor, "_distribution", lambda name: dist if name == "robustbench" else None)
-    monkeypatch.setattr(doctor, "_robustbench_origin", lambda: str(site / "robustbench" / "__init__.py"))
+    monkeypatch.setattr(robustbench_files, "robustbench_origin", lambda: str(site / "robustbench" / "__init__.py"))
     assert doctor.robustbench_damage(dist) is None and doctor.check_robustbench_files().verdict == "ok"
     (site / "robustbench" / "eval.py").write_text("# overwritten\n")
     (site / "robustbench" / "zenodo_download.py").unlink()

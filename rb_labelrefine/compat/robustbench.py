@@ -208,7 +208,7 @@ def import_robustbench():
     if "robustbench" in sys.modules:
         return sys.modules["robustbench"]
     install_hook()
-    from ..doctor import damage_message, robustbench_damage
+    from .robustbench_files import damage_message, robustbench_damage
 
     damage = robustbench_damage()   # e.g. torchattacks' wheel overwrote its files: say so, not AttributeError
     if damage is not None:
