@@ -179,6 +179,8 @@ SUMS_WORKER = textwrap.dedent("""
         result[mode] = resumed.record()["train_loss"]
     with open(f"{out}/sums.rank{rank}.json", "w") as f:
         json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()   # else gloo's threads may abort the exit ("terminate called ...")
 """)
 
 

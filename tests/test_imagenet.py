@@ -191,3 +191,11 @@ def test_cli_train_eval_export_leaderboard(tmp_path, capsys):
                  str(out / "model_info" / "imagenet" / "Linf" / "Test2026Tiny.json")]) == 0
     text = capsys.readouterr().out
     assert "of 31" in text and "5,000" in text   # ranked among RobustBench's 30 ImageNet entries
+
+
+def test_the_card_names_imagenets_augmentation():
+    from rb_labelrefine.export.model_card import _config_highlights
+
+    data = dict(_config_highlights({"data": {"name": "imagenet", "augment": True}}))["data"]
+    assert "random-resized-crop+flip" in data
+    assert "random-resized" not in dict(_config_highlights({"data": {"name": "cifar10", "augment": True}}))["data"]

@@ -31,11 +31,12 @@ code (``advTrainer.py``) draws ``--aux_batch_size`` images from ``cycle(aux_load
 ``vstack``s them under ``--batch_size`` real ones -- the auxiliary batch *adds* to the real
 batch; its paper (App. F) trains with batch 1024, 75 % synthetic, i.e. ``--batch_size 256
 --aux_batch_size 768`` = ``data.batch_size=256, data.aux_fraction=0.75`` here.  Wang et al. use
-batch 512-1024 with ``unsup_fraction`` 0.7 of the *total* batch: ``data.batch_size = round(0.3 *
-total)``.  Differences from the ADR code: ``itertools.cycle`` replays the first pass's batches
-(same order and same augmentation) forever, here every pass is a fresh permutation and
-augmentation is drawn per use; the ADR code also sets BatchNorm momentum to 1.0 for the first
-step and 0.01 afterwards when it uses extra data (not done here).
+batch 512-1024 with ``unsup_fraction`` 0.7 of the *total* batch: ``data.aux_batch=split`` (then
+``data.batch_size`` is the total batch and ``aux_fraction`` of it is generated; the
+``*-wang2023`` presets).  Differences from the ADR code: ``itertools.cycle`` replays the first
+pass's batches (same order and same augmentation) forever, here every pass is a fresh permutation
+and augmentation is drawn per use; the ADR code also sets BatchNorm momentum to 1.0 for the first
+step and 0.01 afterwards when it uses extra data (``train.bn_first_step_momentum``).
 
 The stream samples without replacement: pass ``p`` is a permutation that depends only on
 ``(seed, p)`` (never on the real data's order), and its position ``(pass, offset)`` is part of

@@ -104,7 +104,8 @@ def _config_highlights(cfg: dict) -> list[tuple[str, str]]:
     return [
         ("data", f"{d.get('name')}" + (f", {d['train_subset']} training images" if d.get("train_subset") else "")
          + (f", validation fraction {d.get('val_fraction')}" if d.get("val_fraction") is not None else "")
-         + (", crop+flip augmentation" if d.get("augment") else "")),
+         + ((", random-resized-crop+flip augmentation" if d.get("name") == "imagenet" else ", crop+flip augmentation")
+            if d.get("augment") else "")),
         ("architecture", f"{model.get('arch')}" + (f" {model['kwargs']}" if model.get("kwargs") else "")),
         ("labels (method)", _method_params(method.get("name"), method)),
         ("objective", f"{o.get('name')}" + (f" (beta = {o.get('beta')})" if o.get("name") == "trades" else "")),
