@@ -16,7 +16,6 @@ JSON -- is refused raises a typed error (rb_labelrefine/errors.py) naming the fi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,48 +32,19 @@ from _extras import need
 
 need("sklearn")
 
-from rb_labelrefine import cli
 from rb_labelrefine.config import load_config
 from rb_labelrefine.runs import RUN_FILES, read_weights
 from rb_labelrefine.training.io import LOCK_FILE, safe_torch_load
 from rb_labelrefine.training.trainer import Trainer
+# the shared CLI helpers and the autouse fixture (no plots; the process-wide torch settings restored)
+from test_run_integrity import TINY, _hash_tree, _main, _quiet_and_restore, _train_argv  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.arch=mlp", "data.train_subset=192", "data.batch_size=32", "attack.steps=2", "train.epochs=2",
-        "train.device=cpu", "train.deterministic=true", "train.threads=1", "eval.val_attack_steps=1",
-        "eval.test_attack_steps=2", "eval.curve_test_size=64"]
 N_AUX = 200
 
 
 def _argv(out, sets=(), preset="digits-pgdat", resume=False):
-    argv = ["train", "--config", preset, "--out", str(out), "--quiet"]
-    for s in list(TINY) + list(sets):
-        argv += ["--set", s]
-    return argv + (["--resume"] if resume else [])
-
-
-def _main(capsys, argv):
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def _hash_tree(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_and_restore():
-    import rb_labelrefine.plots as plots
-
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(plots, "plot_curves", lambda *a, **k: None)
-        yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
+    return _train_argv(out, preset, sets, resume)
 
 
 @pytest.fixture(scope="module")

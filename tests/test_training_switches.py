@@ -7,9 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from rb_labelrefine import cli
 from rb_labelrefine.config import ConfigError, load_config
 from rb_labelrefine.runs import RUN_FILES, read_weights
 from rb_labelrefine.training.trainer import Trainer
-from test_reliability import _assert_same_run, teacher_pt  # noqa: F401 (a fixture)
+from test_reliability import _assert_same_run, stop_after_steps, teacher_pt  # noqa: F401 (fixtures)
 
 TINY = ["model.arch=mlp", "data.train_subset=192", "data.batch_size=32", "attack.steps=2", "train.epochs=2",
         "train.device=cpu", "train.deterministic=true", "train.threads=1", "eval.val_attack_steps=1",
@@ -33,26 +31,6 @@ def _train(capsys, out, *sets, resume=False, preset="digits-pgdat"):
     rc = cli.main(argv + (["--resume"] if resume else []))
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
-
-
-@pytest.fixture
-def stop_after_steps(monkeypatch):
-    """``stop_after_steps([5])``: SIGTERM this process right after those global steps."""
-    pending = []
-    orig = Trainer.train_step
-
-    def train_step(self, *a, **k):
-        out = orig(self, *a, **k)
-        if pending and self.global_step == pending[0]:
-            pending.pop(0)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-
-    def arm(steps):
-        pending[:] = sorted(steps)
-    return arm
 
 
 def _interrupted_then_resumed(capsys, stop_after_steps, out, sets, stops=(4,)):
