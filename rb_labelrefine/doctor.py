@@ -250,6 +250,8 @@ def run_checks() -> list:
               _module_item("matplotlib", "matplotlib", "matplotlib", "plot"),
               _module_item("scikit-learn", "sklearn", "scikit-learn", "data"),
               _module_item("huggingface_hub", "huggingface_hub", "huggingface_hub", "hub"),
+              _module_item("tensorboard", "tensorboard", "tensorboard", "tensorboard"),
+              _module_item("wandb", "wandb", "wandb", "wandb"),
               check_fashion_mnist()]
     return items
 

@@ -44,7 +44,7 @@ def test_doctor_exits_0_on_this_healthy_install():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     for item in ("torch", "autoattack", "robustbench", "requests", "timm", "torchattacks", "matplotlib",
-                 "scikit-learn", "Fashion-MNIST"):
+                 "scikit-learn", "huggingface_hub", "tensorboard", "wandb", "Fashion-MNIST"):
         assert any(l.split()[1:2] == [item] for l in lines if l[:5].strip() in ("ok", "warn", "--")), (item, lines)
     assert not any(l.startswith("FAIL") for l in lines) and lines[-1].startswith("healthy")
 

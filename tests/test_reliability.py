@@ -615,6 +615,7 @@ def test_non_finite_loss_exits_1_with_a_loadable_last_good_checkpoint(capsys, tm
     state = safe_torch_load(out / RUN_FILES["checkpoint"])
     assert (state["epoch"], state["batch"], state["global_step"]) == (0, 1, 1)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert "failed: non-finite training loss (nan) at epoch 1, step 2" in (out / RUN_FILES["log"]).read_text()
     # it is exactly the state before the failed step: resuming it fails at the same step, the same way
     rc2, err2 = _main(capsys, argv + ["--resume"])
     assert rc2 == 1 and err2.splitlines()[-1] == err.splitlines()[-1], (err, err2)

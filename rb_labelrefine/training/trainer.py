@@ -268,8 +268,9 @@ class Trainer:
             except NonFiniteLossError as exc:
                 self.sums.flush()
                 kept = self.checkpointer.save_last_good(self.state_dict(epoch, batch))
-                raise NonFiniteLossError(f"{exc}; {kept} Lower optim.lr, check the data, or set train.grad_clip.") \
-                    from None
+                msg = f"{exc}; {kept} Lower optim.lr, check the data, or set train.grad_clip."
+                self.run.record(f"failed: {msg}")      # train.log says why the run stopped, too
+                raise NonFiniteLossError(msg) from None
             self.sums.add(loss, logits_adv, y)
             batch += 1
             rng.reseed_globals(cfg.train.seed, epoch, batch, self.dist.rank)  # before the next fetch
