@@ -20,7 +20,7 @@ from rb_labelrefine.data import build_datasets
 from rb_labelrefine.evaluation.sanity import sanity_report
 from rb_labelrefine.export.robustbench_export import export_run
 from rb_labelrefine.runs import load_run_model
-from rb_labelrefine.training.trainer import _stack
+from rb_labelrefine.training.stream import stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def fmnist_card(run_dir: Path, out: Path, sanity_n: int) -> None:
     _, _, test_ds, _ = build_datasets(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction,
                                       train_subset=cfg.data.train_subset, seed=cfg.data.seed,
                                       test_subset=cfg.data.test_subset)
-    x, y = _stack(test_ds, sanity_n)
+    x, y = stack(test_ds, sanity_n)
     torch.set_num_threads(1)
     sanity = sanity_report(model, x, y, eps=cfg.attack.eps, norm="Linf", n_ex=sanity_n)
     eps = cfg.attack.eps

@@ -153,7 +153,8 @@ class PackageStep:
     """One configuration: a Trainer set up for it; ``__call__`` = one step of its training loop."""
 
     def __init__(self, name, args, datasets, teacher_path, out_dir):
-        from rb_labelrefine.training.trainer import Trainer, _check_batch
+        from rb_labelrefine.training.stream import check_batch
+        from rb_labelrefine.training.trainer import Trainer
 
         self.name = name
         self.cfg = build_config(name, args, teacher_path)
@@ -162,7 +163,7 @@ class PackageStep:
         self.trainer.global_step = 0
         self.trainer.model.train()
         self.device = self.trainer.device
-        self._check = _check_batch
+        self._check = check_batch
         self.C = self.trainer.info.num_classes
         self.loss_sum = torch.zeros((), device=self.device)
         self.correct = torch.zeros((), device=self.device)
@@ -496,7 +497,7 @@ def time_parts(args, reps: int = 300) -> dict:
 
     from rb_labelrefine.fast import teacher_forward
     from rb_labelrefine.rectifiers.adr import rectify
-    from rb_labelrefine.training.trainer import _check_batch
+    from rb_labelrefine.training.stream import check_batch
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -508,7 +509,7 @@ def time_parts(args, reps: int = 300) -> dict:
         loss, logits = torch.tensor(1.0), torch.zeros(args.batch, 10)
 
         def package_only():  # the trainer's per-step bookkeeping + its EMA (foreach lerp)
-            _check_batch(x, y, idx, pkg.C, "batch")
+            check_batch(x, y, idx, pkg.C, "batch")
             t._snapshot_step_state()
             t.rectifier.teacher.update(t.model)
             pkg.loss_sum += loss * y.shape[0]

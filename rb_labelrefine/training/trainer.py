@@ -63,8 +63,6 @@ from .signals import StopSignal
 from .step import EpochSums, StepRuntime, StepSnapshot, bn_momentum, nonfinite_error
 # the batch stream: epoch order, resume skip, auxiliary rows, checks, ranks, device-resident batches
 from .stream import EpochSampler, build_stream, first_samples  # noqa: F401 (EpochSampler re-exported)
-from .stream import check_batch as _check_batch  # noqa: F401 (re-exported)
-from .stream import stack as _stack  # noqa: F401 (re-exported: cli, quickstart, benchmarks)
 
 __all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLossError", "ResumeError", "train"]
 
